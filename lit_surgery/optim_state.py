@@ -1,0 +1,73 @@
+"""Carry optimiser state across surgery.
+
+The reference re-creates the optimiser after every change, throwing away momentum and
+Adam's moments. Here a surviving parameter keeps its state: the operator's parameter map
+says which slice of which old parameter each new one continues; new slices start at zero.
+Works on ``optimizer.state_dict()`` data, so it is independent of the optimiser class.
+"""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_surgery.operators import ParamMap, Source
+
+
+def _remap(value: Tensor, index: tuple[tuple[int, ...] | None, ...]) -> Tensor:
+    """Gather ``value`` along each dimension; index ``-1`` gives a zero slice."""
+    for dim, idx in enumerate(index):
+        if idx is None:
+            continue
+        pad_shape = list(value.shape)
+        pad_shape[dim] = 1
+        padded = torch.cat([value, value.new_zeros(pad_shape)], dim=dim)
+        where = torch.tensor(idx, dtype=torch.long, device=value.device)
+        where = torch.where(where < 0, value.shape[dim], where)
+        value = padded.index_select(dim, where)
+    return value
+
+
+def _carry(entry: dict[str, Any], source: Source, old_shape: torch.Size | None) -> dict[str, Any]:
+    new: dict[str, Any] = {}
+    for key, value in entry.items():
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old_shape:
+            new[key] = _remap(value, source.index)
+        else:  # step counters and other per-parameter scalars
+            new[key] = copy.deepcopy(value)
+    return new
+
+
+def transfer_state(
+    state_dict: dict[str, Any],
+    param_map: ParamMap,
+    old_shapes: list[torch.Size],
+) -> dict[str, Any]:
+    """State dict for an optimiser over the new parameters (single parameter group).
+
+    ``old_shapes`` are the old parameters' shapes, in order: they tell moment tensors
+    (same shape as their parameter) from scalars. New parameters get no state, which
+    every torch optimiser initialises on its first step.
+    """
+    groups = state_dict["param_groups"]
+    if len(groups) != 1:
+        raise ValueError(
+            f"optimiser state transfer supports one parameter group, got {len(groups)}"
+        )
+    if len(groups[0]["params"]) != len(old_shapes):
+        raise ValueError(
+            f"optimiser state covers {len(groups[0]['params'])} parameters, "
+            f"the old network has {len(old_shapes)}"
+        )
+    position = {pid: i for i, pid in enumerate(groups[0]["params"])}
+    old_state = {position[pid]: entry for pid, entry in state_dict["state"].items()}
+    new_state: dict[int, dict[str, Any]] = {}
+    for i, source in enumerate(param_map):
+        if source is not None and source.param in old_state:
+            new_state[i] = _carry(old_state[source.param], source, old_shapes[source.param])
+    group = {k: copy.deepcopy(v) for k, v in groups[0].items() if k != "params"}
+    group["params"] = list(range(len(param_map)))
+    return {"state": new_state, "param_groups": [group]}
