@@ -1,0 +1,159 @@
+"""SVD criteria: which changes to propose for a network, and how strongly.
+
+For every hidden layer the singular values of its incoming or outgoing weight matrix
+(``sv_source``; the reference uses outgoing) give the number of *removable* units ``r``:
+those below an absolute threshold or below a relative threshold times the largest. A layer
+with few removable units should grow; one with many should shrink (SURGERY.md, "The
+criterion"). Computed on the weights' own device.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from lit_surgery.network import SurgeryNet
+from lit_surgery.operators import OperatorError, operator
+from lit_surgery.topology import NON_NEGATIVE, Topology
+
+SV_SOURCES = ("incoming", "outgoing")
+RANKINGS = ("modest", "paper")
+AL_ACTIVATIONS = ("auto", "linear")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A proposed change: operator ``op`` on hidden layer ``layer`` by ``amount`` units."""
+
+    op: str
+    layer: int | None = None
+    amount: int = 0
+    weight: float = 1.0
+    param_ratio: float = 1.0
+    activation: str | None = None
+    """For ``AL``: the activation of the identity layer."""
+
+    @property
+    def options(self) -> dict[str, Any]:
+        return {} if self.activation is None else {"activation": self.activation}
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def describe(self) -> str:
+        if self.op == "B":
+            return "B"
+        extra = f" {self.activation}" if self.activation else ""
+        amount = f" x{self.amount}" if self.amount else ""
+        return f"{self.op}@{self.layer}{amount}{extra}"
+
+
+def singular_values(net: SurgeryNet, layer: int, source: str = "incoming") -> Tensor:
+    """Singular values (descending) for hidden layer ``layer``, padded with zeros to its width.
+
+    A layer wider than the matrix's rank has that many exactly removable directions, so the
+    padding counts them.
+    """
+    if source not in SV_SOURCES:
+        raise ValueError(f"sv_source must be one of {SV_SOURCES}, got {source!r}")
+    matrix = net.linear(layer if source == "incoming" else layer + 1).weight.detach()
+    s = torch.linalg.svdvals(matrix)
+    width = net.topology.hidden[layer].width
+    return torch.cat([s, s.new_zeros(width - s.numel())])
+
+
+def removable(s: Tensor, abs_threshold: float, rel_threshold: float) -> int:
+    """Count singular values below ``abs_threshold`` or below ``rel_threshold * max``."""
+    if s.numel() == 0:
+        return 0
+    limit = torch.clamp(s[0] * rel_threshold, min=abs_threshold)
+    return int((s < limit).sum())
+
+
+def depth_factor(layer: int, depth: int) -> float:
+    """``(i + 1) / (L + 1)`` with ``i`` the 1-based position: grows with depth, 1 at the last."""
+    return (layer + 2) / (depth + 1)
+
+
+def layer_is_finite(net: SurgeryNet, layer: int) -> bool:
+    lin = net.linear(layer)
+    return bool(torch.isfinite(lin.weight).all()) and (
+        lin.bias is None or bool(torch.isfinite(lin.bias).all())
+    )
+
+
+def propose(
+    net: SurgeryNet,
+    *,
+    sv_source: str = "incoming",
+    sv_threshold_abs: float = 0.3,
+    sv_threshold_rel: float = 5e-3,
+    add_fraction: float = 0.1,
+    add_multiplier: int = 10,
+    al_activation: str = "auto",
+    type_weights: Mapping[str, float] | None = None,
+) -> list[Candidate]:
+    """All candidates for ``net`` (``B`` not included), each with weight and parameter ratio."""
+    if al_activation not in AL_ACTIVATIONS:
+        raise ValueError(f"al_activation must be one of {AL_ACTIVATIONS}, got {al_activation!r}")
+    topo = net.topology
+    multipliers = dict(type_weights or {})
+    raw: list[Candidate] = []
+    for i, layer in enumerate(topo.hidden):
+        if not (layer_is_finite(net, i) and layer_is_finite(net, i + 1)):
+            raw.append(Candidate("RL", i, 0, 1.0))
+            continue
+        n = layer.width
+        r = removable(singular_values(net, i, sv_source), sv_threshold_abs, sv_threshold_rel)
+        d = depth_factor(i, topo.depth)
+        p_add, p_remove = 1.0 - r / n, r / n
+        k = max(2, int(n * add_fraction))
+        raw += [Candidate("AN", i, k, p_add), Candidate("AN", i, k * add_multiplier, p_add)]
+        relu = al_activation == "auto" and layer.activation in NON_NEGATIVE
+        raw.append(Candidate("AL", i, 0, p_add * d, activation="relu" if relu else "linear"))
+        raw.append(Candidate("RL", i, 0, p_remove * d))
+        amount = min(r, n - 1)
+        if amount > 0:
+            raw += [Candidate("OL", i, amount, p_remove), Candidate("T", i, amount, p_remove)]
+    result = []
+    for c in raw:
+        try:
+            ratio = topology_after(topo, c).num_params / topo.num_params
+        except OperatorError:
+            continue  # e.g. RL of the only layer, T that would not truncate
+        if c.op == "T" and ratio >= 1:
+            continue  # a factorisation that does not save parameters only costs screening
+        weight = c.weight * multipliers.get(c.op, 1.0)
+        result.append(Candidate(c.op, c.layer, c.amount, weight, ratio, c.activation))
+    return result
+
+
+def rank_key(candidate: Candidate, ranking: str = "modest") -> tuple[float, float]:
+    """Sort key, larger is better. ``paper``: (weight, q), so among equal weights the
+    biggest network wins (the reference's choice, which makes "add 10x units" the AN pick
+    every time). ``modest``: (weight, -|log q|), the smallest change wins ties."""
+    if ranking == "paper":
+        return (candidate.weight, candidate.param_ratio)
+    if ranking == "modest":
+        return (candidate.weight, -abs(math.log(candidate.param_ratio)))
+    raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+
+
+def best_per_type(candidates: Sequence[Candidate], ranking: str = "modest") -> list[Candidate]:
+    """The top-ranked candidate of each operator type, in first-seen type order."""
+    best: dict[str, Candidate] = {}
+    for c in candidates:
+        if c.op not in best or rank_key(c, ranking) > rank_key(best[c.op], ranking):
+            best[c.op] = c
+    return list(best.values())
+
+
+def topology_after(topology: Topology, candidate: Candidate) -> Topology:
+    return operator(candidate.op).topology(
+        topology, candidate.layer, candidate.amount, **candidate.options
+    )

@@ -1,0 +1,520 @@
+"""The evolutionary policy of SURGERY.md, independent of any training framework.
+
+:class:`Surgeon` runs generations: propose candidates from the SVD criteria, select some
+per type (plus a random one), screen each with a short re-training, score them, train the
+best ``parallel_branches`` for a cycle, keep those that reach the previous best (else
+retry with untried candidates). Training itself is delegated to two callables, so the
+same policy runs in a plain loop (:mod:`lit_surgery.plain`) and in Lightning.
+
+:meth:`SurgerySettings.paper` gives the reference's choices; the defaults keep the
+reference's numbers but fix its known defects (see the field docs).
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any, Protocol
+
+import torch
+
+from lit_surgery.criteria import (
+    AL_ACTIVATIONS,
+    RANKINGS,
+    SV_SOURCES,
+    Candidate,
+    best_per_type,
+    propose,
+)
+from lit_surgery.network import SurgeryNet
+from lit_surgery.operators import OPERATOR_CODES, Mutation, operator
+from lit_surgery.optim_state import transfer_state
+
+SCORES = ("paper", "log")
+SELECT_BY = ("accuracy", "score")
+SPLITS = ("asymmetric", "equal")
+SCREEN_BATCHES = {"B": 1, "AN": 1, "AL": 1, "T": 1, "RL": 10, "OL": 10}
+
+
+class SettingsError(ValueError):
+    """An invalid surgery setting; the message names it and what is allowed."""
+
+
+@dataclass
+class SurgerySettings:
+    """Every number and choice of the method. Defaults: the reference's numbers, our fixes.
+
+    Args:
+        epoch_step: epochs per cycle (a generation every ``epoch_step`` epochs).
+        initial_epochs: plain training before the first generation.
+        max_epochs: total epochs of the resulting network's lineage.
+        parallel_branches: branches trained and kept per generation.
+        max_retries: re-selections from untried candidates when no survivor reaches the
+            previous best.
+        include_random: also screen one candidate drawn uniformly from the unselected.
+        sv_threshold_abs: singular values below this count as removable units.
+        sv_threshold_rel: ... or below this times the largest singular value.
+        add_fraction: AN adds ``max(2, width * add_fraction)`` units ...
+        add_multiplier: ... and, as a second candidate, this many times that.
+        screen_batches: re-training batches per operator type before screening.
+        type_weights: multipliers of each operator type's ranking weight.
+        sv_source: singular values of the matrix entering the layer (``incoming``, the one
+            OL and T decompose) or leaving it (``outgoing``, the reference).
+        ranking: ``modest`` breaks weight ties towards the smaller change; ``paper``
+            towards the larger network.
+        al_activation: ``auto`` inserts a ReLU identity layer after ReLU/sigmoid layers
+            (real depth, still exact), else linear; ``linear`` always (the reference).
+        split: AN's split of units: ``asymmetric`` shares (copies differ) or ``equal``
+            (copies stay identical forever, the reference).
+        score: ``paper``: ``v + exp(v - v_parent) exp(-q)``; ``log``:
+            ``v - size_penalty * ln q``, where a doubling costs ``0.69 * size_penalty``.
+        size_penalty: weight of the size term of the ``log`` score.
+        explore: at most one unchanged (``B``) branch survives a generation, so every
+            generation trains at least one real change. The reference lets both slots go
+            to copies.
+        select_by: the final winner by validation ``accuracy`` or by ``score`` (reference).
+        random_walk: the ablation baseline: one random candidate per generation, no
+            screening.
+    """
+
+    epoch_step: int = 10
+    initial_epochs: int = 10
+    max_epochs: int = 100
+    parallel_branches: int = 2
+    max_retries: int = 3
+    include_random: bool = True
+    sv_threshold_abs: float = 0.3
+    sv_threshold_rel: float = 5e-3
+    add_fraction: float = 0.1
+    add_multiplier: int = 10
+    screen_batches: dict[str, int] = field(default_factory=lambda: dict(SCREEN_BATCHES))
+    type_weights: dict[str, float] = field(default_factory=dict)
+    sv_source: str = "incoming"
+    ranking: str = "modest"
+    al_activation: str = "auto"
+    split: str = "asymmetric"
+    score: str = "log"
+    size_penalty: float = 0.003
+    explore: bool = True
+    select_by: str = "accuracy"
+    random_walk: bool = False
+
+    def __post_init__(self) -> None:
+        self.screen_batches = {**SCREEN_BATCHES, **dict(self.screen_batches)}
+        self.type_weights = dict(self.type_weights)
+        self.validate()
+
+    @classmethod
+    def paper(cls, **overrides: Any) -> SurgerySettings:
+        """The reference's choices wherever they change outcomes."""
+        choices = dict(
+            sv_source="outgoing",
+            ranking="paper",
+            al_activation="linear",
+            split="equal",
+            score="paper",
+            explore=False,
+            select_by="score",
+        )
+        return cls(**{**choices, **overrides})
+
+    def replace(self, **changes: Any) -> SurgerySettings:
+        return replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    def validate(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise SettingsError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
+
+        def is_int(v: Any) -> bool:
+            return isinstance(v, int) and not isinstance(v, bool)
+
+        def is_num(v: Any) -> bool:
+            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+        need(is_int(self.epoch_step) and self.epoch_step >= 1, "epoch_step", "an integer >= 1")
+        need(
+            is_int(self.initial_epochs) and self.initial_epochs >= 0,
+            "initial_epochs",
+            "an integer >= 0",
+        )
+        need(
+            is_int(self.max_epochs) and self.max_epochs >= self.initial_epochs,
+            "max_epochs",
+            f"an integer >= initial_epochs ({self.initial_epochs})",
+        )
+        need(
+            is_int(self.parallel_branches) and self.parallel_branches >= 1,
+            "parallel_branches",
+            "an integer >= 1",
+        )
+        need(is_int(self.max_retries) and self.max_retries >= 0, "max_retries", "an integer >= 0")
+        need(isinstance(self.include_random, bool), "include_random", "true or false")
+        need(
+            is_num(self.sv_threshold_abs) and self.sv_threshold_abs >= 0,
+            "sv_threshold_abs",
+            "a finite number >= 0",
+        )
+        need(
+            is_num(self.sv_threshold_rel) and 0 <= self.sv_threshold_rel <= 1,
+            "sv_threshold_rel",
+            "a number in [0, 1]",
+        )
+        need(
+            is_num(self.add_fraction) and 0 < self.add_fraction <= 10,
+            "add_fraction",
+            "a number in (0, 10]",
+        )
+        need(
+            is_int(self.add_multiplier) and self.add_multiplier >= 1,
+            "add_multiplier",
+            "an integer >= 1",
+        )
+        unknown = set(self.screen_batches) - set(OPERATOR_CODES)
+        need(
+            not unknown,
+            "screen_batches",
+            f"keys among {list(OPERATOR_CODES)}, not {sorted(unknown)}",
+        )
+        need(
+            all(is_int(v) and v >= 0 for v in self.screen_batches.values()),
+            "screen_batches",
+            "integers >= 0 per operator type",
+        )
+        unknown = set(self.type_weights) - set(OPERATOR_CODES[1:])
+        need(
+            not unknown,
+            "type_weights",
+            f"keys among {list(OPERATOR_CODES[1:])}, not {sorted(unknown)}",
+        )
+        need(
+            all(is_num(v) and v >= 0 for v in self.type_weights.values()),
+            "type_weights",
+            "finite numbers >= 0 per operator type",
+        )
+        need(self.sv_source in SV_SOURCES, "sv_source", f"one of {SV_SOURCES}")
+        need(self.ranking in RANKINGS, "ranking", f"one of {RANKINGS}")
+        need(self.al_activation in AL_ACTIVATIONS, "al_activation", f"one of {AL_ACTIVATIONS}")
+        need(self.split in SPLITS, "split", f"one of {SPLITS}")
+        need(self.score in SCORES, "score", f"one of {SCORES}")
+        need(
+            is_num(self.size_penalty) and self.size_penalty >= 0,
+            "size_penalty",
+            "a finite number >= 0",
+        )
+        need(isinstance(self.explore, bool), "explore", "true or false")
+        need(self.select_by in SELECT_BY, "select_by", f"one of {SELECT_BY}")
+        need(isinstance(self.random_walk, bool), "random_walk", "true or false")
+
+    @property
+    def generations(self) -> int:
+        """Number of generations in the schedule (the last cycle may be shorter)."""
+        return math.ceil((self.max_epochs - self.initial_epochs) / self.epoch_step)
+
+    def cycle_epochs(self, generation: int) -> int:
+        """Epochs trained after generation ``generation`` (1-based)."""
+        start = self.initial_epochs + (generation - 1) * self.epoch_step
+        return min(self.epoch_step, self.max_epochs - start)
+
+
+@dataclass
+class Branch:
+    """A network being trained, with what the training callables need to continue it."""
+
+    id: int
+    net: SurgeryNet
+    parent: int | None = None
+    generation: int = 0
+    change: Candidate = field(default_factory=lambda: Candidate("B"))
+    optimizer_state: dict[str, Any] | None = None
+    metric: float | None = None
+    score: float | None = None
+    epochs: int = 0
+
+
+class TrainFn(Protocol):
+    def __call__(self, branch: Branch, epochs: int) -> float:
+        """Train ``branch.net`` in place for ``epochs`` epochs (possibly 0), updating
+        ``branch.optimizer_state``, and return the validation metric."""
+
+
+class ScreenFn(Protocol):
+    def __call__(self, branch: Branch, batches: int) -> float:
+        """Re-train ``branch.net`` in place for ``batches`` batches and return the metric."""
+
+
+@dataclass
+class CandidateRecord:
+    """One proposed candidate and what became of it (plain data, for logs and tables)."""
+
+    generation: int
+    parent: int
+    op: str
+    layer: int | None
+    amount: int
+    weight: float
+    param_ratio: float
+    activation: str | None = None
+    attempt: int | None = None
+    """Selection round that screened it (0, then retries); ``None``: not screened."""
+    branch: int | None = None
+    screen_metric: float | None = None
+    score: float | None = None
+    trained: bool = False
+    metric: float | None = None
+    kept: bool = False
+
+
+@dataclass
+class History:
+    """Everything the policy decided, as plain data."""
+
+    candidates: list[CandidateRecord] = field(default_factory=list)
+    genealogy: dict[int, dict[str, Any]] = field(default_factory=dict)
+    epochs_trained: int = 0
+    batches_screened: int = 0
+
+    def node(self, branch: Branch) -> None:
+        self.genealogy[branch.id] = {
+            "parent": branch.parent,
+            "generation": branch.generation,
+            "change": branch.change.describe(),
+            "topology": branch.net.topology.to_dict(),
+            "num_params": branch.net.topology.num_params,
+            "metric": branch.metric,
+            "epochs": branch.epochs,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "candidates": [asdict(c) for c in self.candidates],
+            "genealogy": {str(k): v for k, v in self.genealogy.items()},
+            "epochs_trained": self.epochs_trained,
+            "batches_screened": self.batches_screened,
+        }
+
+
+GenerationCallback = Callable[[int, list[CandidateRecord], list[Branch]], None]
+
+
+class Surgeon:
+    """Runs the generations; owns the randomness (seeded) and the history."""
+
+    def __init__(
+        self,
+        settings: SurgerySettings,
+        train: TrainFn,
+        screen: ScreenFn,
+        *,
+        seed: int = 0,
+        on_generation: GenerationCallback | None = None,
+    ) -> None:
+        self.settings = settings
+        self.train = train
+        self.screen = screen
+        self.rng = random.Random(seed)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.on_generation = on_generation
+        self.history = History()
+        self._next_id = 0
+
+    # ------------------------------------------------------------------ driving
+
+    def run(self, net: SurgeryNet) -> Branch:
+        """Train ``net`` and operate on it for the whole schedule; return the winner."""
+        s = self.settings
+        root = self._branch(net)
+        self._train(root, s.initial_epochs)
+        branches = [root]
+        for generation in range(1, s.generations + 1):
+            branches = self.generation(branches, generation)
+        return self.winner(branches)
+
+    def winner(self, branches: list[Branch]) -> Branch:
+        if self.settings.select_by == "score" and all(b.score is not None for b in branches):
+            return max(branches, key=lambda b: b.score)
+        return max(branches, key=lambda b: -math.inf if b.metric is None else b.metric)
+
+    def generation(self, branches: list[Branch], generation: int) -> list[Branch]:
+        """One generation from the surviving ``branches``; returns the new survivors."""
+        s = self.settings
+        epochs = s.cycle_epochs(generation)
+        pool: list[tuple[Branch, Candidate]] = []
+        for parent in branches:
+            pool.append((parent, Candidate("B")))
+            pool += [(parent, c) for c in self.propose(parent.net)]
+        records = [self._record(generation, parent, c) for parent, c in pool]
+        if s.random_walk:
+            survivors = self._random_walk(pool, records, epochs)
+        else:
+            survivors = self._select_and_train(branches, pool, records, epochs)
+        self.history.candidates += records
+        if self.on_generation is not None:
+            self.on_generation(generation, records, survivors)
+        return survivors
+
+    def propose(self, net: SurgeryNet) -> list[Candidate]:
+        s = self.settings
+        return propose(
+            net,
+            sv_source=s.sv_source,
+            sv_threshold_abs=s.sv_threshold_abs,
+            sv_threshold_rel=s.sv_threshold_rel,
+            add_fraction=s.add_fraction,
+            add_multiplier=s.add_multiplier,
+            al_activation=s.al_activation,
+            type_weights=s.type_weights,
+        )
+
+    # ------------------------------------------------------------------ steps
+
+    def select(self, pool: list[tuple[Branch, Candidate]], untried: list[int]) -> list[int]:
+        """Indices into ``pool``: every ``B``, the best of each other type, one random."""
+        chosen = [i for i in untried if pool[i][1].op == "B"]
+        by_type: dict[str, list[int]] = {}
+        for i in untried:
+            if pool[i][1].op != "B":
+                by_type.setdefault(pool[i][1].op, []).append(i)
+        for indices in by_type.values():
+            best = best_per_type([pool[i][1] for i in indices], self.settings.ranking)[0]
+            chosen.append(next(i for i in indices if pool[i][1] is best))
+        rest = [i for i in untried if i not in chosen]
+        if self.settings.include_random and rest:
+            chosen.append(self.rng.choice(rest))
+        return chosen
+
+    def score(self, metric: float, parent_metric: float, param_ratio: float) -> float:
+        if not math.isfinite(metric):
+            return -math.inf
+        if self.settings.score == "paper":
+            return metric + math.exp(metric - parent_metric) * math.exp(-param_ratio)
+        return metric - self.settings.size_penalty * math.log(param_ratio)
+
+    def survivors(self, screened: list[Branch]) -> list[Branch]:
+        """The best ``parallel_branches`` by score; with ``explore``, at most one ``B``."""
+        ranked = sorted(
+            (b for b in screened if math.isfinite(b.score)), key=lambda b: b.score, reverse=True
+        )
+        chosen: list[Branch] = []
+        has_base = False
+        for b in ranked:
+            if len(chosen) == self.settings.parallel_branches:
+                break
+            if self.settings.explore and b.change.op == "B" and has_base:
+                continue
+            has_base |= b.change.op == "B"
+            chosen.append(b)
+        return chosen
+
+    # ------------------------------------------------------------------ internals
+
+    def _select_and_train(
+        self,
+        branches: list[Branch],
+        pool: list[tuple[Branch, Candidate]],
+        records: list[CandidateRecord],
+        epochs: int,
+    ) -> list[Branch]:
+        s = self.settings
+        previous_best = max(b.metric for b in branches)
+        untried = list(range(len(pool)))
+        trained: list[Branch] = []
+        kept: list[Branch] = []
+        for attempt in range(s.max_retries + 1):
+            if not untried:
+                break
+            chosen = self.select(pool, untried)
+            untried = [i for i in untried if i not in chosen]
+            screened = []
+            for i in chosen:
+                parent, candidate = pool[i]
+                child = self._screen(parent, candidate, generation=records[i].generation)
+                records[i].attempt, records[i].branch = attempt, child.id
+                records[i].screen_metric, records[i].score = child.metric, child.score
+                screened.append(child)
+            for child in self.survivors(screened):
+                self._train(child, epochs)
+                record = next(r for r in records if r.branch == child.id)
+                record.trained, record.metric = True, child.metric
+                trained.append(child)
+            kept = [b for b in trained if b.metric >= previous_best]
+            if kept:
+                break
+        if not kept:
+            kept = [max(trained, key=lambda b: b.metric)] if trained else branches
+        kept.sort(key=lambda b: b.metric, reverse=True)
+        kept = kept[: s.parallel_branches]
+        for record in records:
+            record.kept = any(record.branch == b.id for b in kept)
+        return kept
+
+    def _random_walk(
+        self,
+        pool: list[tuple[Branch, Candidate]],
+        records: list[CandidateRecord],
+        epochs: int,
+    ) -> list[Branch]:
+        i = self.rng.randrange(len(pool))
+        parent, candidate = pool[i]
+        child = self._child(parent, candidate, records[i].generation)
+        self._train(child, epochs)
+        records[i].branch, records[i].trained, records[i].metric = child.id, True, child.metric
+        records[i].kept = True
+        return [child]
+
+    def _screen(self, parent: Branch, candidate: Candidate, generation: int) -> Branch:
+        child = self._child(parent, candidate, generation)
+        batches = self.settings.screen_batches[candidate.op]
+        child.metric = self.screen(child, batches)
+        self.history.batches_screened += batches
+        finite = all(bool(torch.isfinite(p).all()) for p in child.net.parameters())
+        metric = child.metric if finite else math.nan
+        child.score = self.score(metric, parent.metric, candidate.param_ratio)
+        self.history.node(child)
+        return child
+
+    def _child(self, parent: Branch, candidate: Candidate, generation: int) -> Branch:
+        options = dict(candidate.options)
+        if candidate.op == "AN":
+            options.update(split=self.settings.split, generator=self.generator)
+        mutation: Mutation = operator(candidate.op).apply(
+            parent.net, candidate.layer, candidate.amount, **options
+        )
+        state = None
+        if parent.optimizer_state is not None:
+            shapes = [p.shape for p in parent.net.parameters()]
+            state = transfer_state(parent.optimizer_state, mutation.param_map, shapes)
+        return self._branch(
+            mutation.net,
+            parent=parent,
+            generation=generation,
+            change=candidate,
+            optimizer_state=state,
+        )
+
+    def _branch(self, net: SurgeryNet, parent: Branch | None = None, **kw: Any) -> Branch:
+        branch = Branch(
+            self._next_id,
+            net,
+            None if parent is None else parent.id,
+            epochs=0 if parent is None else parent.epochs,
+            **kw,
+        )
+        self._next_id += 1
+        return branch
+
+    def _train(self, branch: Branch, epochs: int) -> None:
+        branch.metric = self.train(branch, epochs)
+        branch.epochs += epochs
+        self.history.epochs_trained += epochs
+        self.history.node(branch)
+
+    def _record(self, generation: int, parent: Branch, c: Candidate) -> CandidateRecord:
+        return CandidateRecord(
+            generation, parent.id, c.op, c.layer, c.amount, c.weight, c.param_ratio, c.activation
+        )

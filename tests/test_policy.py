@@ -1,0 +1,241 @@
+import json
+import math
+
+import pytest
+import torch
+
+from lit_surgery.network import build
+from lit_surgery.policy import Branch, SettingsError, Surgeon, SurgerySettings
+from lit_surgery.topology import Topology
+
+
+def _net(seed=0):
+    torch.manual_seed(seed)
+    return build(Topology.mlp(6, [6, 6], 3))
+
+
+class Script:
+    """Scripted training: metrics from a function of the branch; counts calls."""
+
+    def __init__(self, screen_metric=None, train_gain=0.01):
+        self.screen_metric = screen_metric or (lambda b: 0.5)
+        self.train_gain = train_gain
+        self.trained: list[tuple[int, int]] = []
+        self.screened: list[tuple[int, str, int]] = []
+
+    def train(self, branch: Branch, epochs: int) -> float:
+        self.trained.append((branch.id, epochs))
+        gain = self.train_gain(branch) if callable(self.train_gain) else self.train_gain
+        return (branch.metric or 0.5) + gain
+
+    def screen(self, branch: Branch, batches: int) -> float:
+        self.screened.append((branch.id, branch.change.op, batches))
+        return self.screen_metric(branch)
+
+
+def _surgeon(script, seed=0, **settings):
+    base = dict(max_epochs=30, initial_epochs=5, epoch_step=10)
+    return Surgeon(SurgerySettings(**{**base, **settings}), script.train, script.screen, seed=seed)
+
+
+@pytest.mark.parametrize(
+    ("name", "value"),
+    [
+        ("epoch_step", 0), ("initial_epochs", -1), ("max_epochs", 2), ("parallel_branches", 0),
+        ("max_retries", -1), ("include_random", "yes"), ("sv_threshold_abs", -0.1),
+        ("sv_threshold_rel", 2.0), ("add_fraction", 0.0), ("add_multiplier", 0),
+        ("screen_batches", {"XX": 1}), ("screen_batches", {"AN": -1}),
+        ("type_weights", {"B": 1.0}), ("type_weights", {"AN": math.nan}),
+        ("sv_source", "both"), ("ranking", "best"), ("al_activation", "tanh"),
+        ("split", "random"), ("score", "f1"), ("size_penalty", -1.0), ("explore", 1),
+        ("select_by", "loss"), ("random_walk", None), ("epoch_step", 2.5),
+    ],
+)
+def test_invalid_settings_name_the_setting(name, value):
+    with pytest.raises(SettingsError, match=rf"^{name}=.* is invalid: "):
+        SurgerySettings(**{"initial_epochs": 5, name: value})
+
+
+def test_reference_numbers_are_the_defaults_and_paper_mode_changes_choices():
+    d, p = SurgerySettings(), SurgerySettings.paper()
+    for s in (d, p):
+        assert (s.epoch_step, s.initial_epochs, s.max_epochs) == (10, 10, 100)
+        assert (s.parallel_branches, s.max_retries, s.include_random) == (2, 3, True)
+        assert (s.sv_threshold_abs, s.sv_threshold_rel, s.add_fraction) == (0.3, 5e-3, 0.1)
+        assert s.screen_batches == {"B": 1, "AN": 1, "AL": 1, "T": 1, "RL": 10, "OL": 10}
+    assert (p.sv_source, p.ranking, p.al_activation, p.split, p.score, p.explore,
+            p.select_by) == ("outgoing", "paper", "linear", "equal", "paper", False, "score")
+    assert (d.sv_source, d.ranking, d.al_activation, d.split, d.score, d.explore,
+            d.select_by) == ("incoming", "modest", "auto", "asymmetric", "log", True, "accuracy")
+    assert SurgerySettings.paper(epoch_step=3).epoch_step == 3
+    assert SurgerySettings(screen_batches={"AN": 5}).screen_batches["RL"] == 10
+
+
+def test_schedule_cycles_and_epochs_add_up():
+    s = SurgerySettings(max_epochs=32, initial_epochs=5, epoch_step=10)
+    assert s.generations == 3
+    assert [s.cycle_epochs(g) for g in (1, 2, 3)] == [10, 10, 7]
+    assert SurgerySettings().generations == 9
+    script = Script()
+    surgeon = Surgeon(s, script.train, script.screen)
+    best = surgeon.run(_net())
+    assert best.epochs == 32
+    assert surgeon.history.epochs_trained == sum(e for _, e in script.trained)
+    # initial training + parallel_branches survivors per generation (no retries needed)
+    assert surgeon.history.epochs_trained == 5 + 2 * (10 + 10 + 7)
+    assert surgeon.history.batches_screened == sum(b for _, _, b in script.screened)
+
+
+def test_selection_base_always_best_per_type_and_one_random():
+    script = Script()
+    surgeon = _surgeon(script, seed=3)
+    root = Branch(0, _net(), metric=0.5)
+    pool = [(root, c) for c in surgeon.propose(root.net)]
+    from lit_surgery.criteria import Candidate, best_per_type
+
+    pool.insert(0, (root, Candidate("B")))
+    chosen = surgeon.select(pool, list(range(len(pool))))
+    ops = [pool[i][1].op for i in chosen]
+    types = {c.op for _, c in pool} - {"B"}
+    assert ops[0] == "B"
+    assert len(chosen) == 1 + len(types) + 1  # B, one per type, one random
+    best = best_per_type([c for _, c in pool[1:]], "modest")
+    assert [pool[i][1] for i in chosen[1:-1]] == best
+    assert len(set(chosen)) == len(chosen)
+    again = _surgeon(Script(), seed=3).select(pool, list(range(len(pool))))
+    assert again == chosen  # seeded
+    no_random = _surgeon(Script(), include_random=False).select(pool, list(range(len(pool))))
+    assert len(no_random) == 1 + len(types)
+
+
+def test_scores():
+    paper = _surgeon(Script(), score="paper")
+    assert paper.score(0.8, 0.7, 1.2) == pytest.approx(0.8 + math.exp(0.1) * math.exp(-1.2))
+    log = _surgeon(Script(), size_penalty=0.1)
+    assert log.score(0.8, 0.7, 2.0) == pytest.approx(0.8 - 0.1 * math.log(2.0))
+    assert log.score(math.nan, 0.7, 1.0) == -math.inf
+
+
+def _screened(ops_scores):
+    return [Branch(i, None, change=_cand(op), score=sc) for i, (op, sc) in enumerate(ops_scores)]
+
+
+def _cand(op):
+    from lit_surgery.criteria import Candidate
+
+    return Candidate(op, None if op == "B" else 0, 0)
+
+
+def test_survival_explore_keeps_at_most_one_base():
+    screened = _screened([("B", 0.9), ("B", 0.89), ("AN", 0.8), ("OL", -math.inf)])
+    explore = _surgeon(Script()).survivors(screened)
+    assert [(b.change.op, b.score) for b in explore] == [("B", 0.9), ("AN", 0.8)]
+    reference = _surgeon(Script(), explore=False).survivors(screened)
+    assert [(b.change.op, b.score) for b in reference] == [("B", 0.9), ("B", 0.89)]
+    one = _surgeon(Script(), parallel_branches=1).survivors(screened)
+    assert [b.score for b in one] == [0.9]
+
+
+def test_retry_with_untried_candidates_when_no_survivor_reaches_previous_best():
+    script = Script()
+    # call 1 trains the root; calls 2-3 are the first attempt's survivors: they lose
+    script.train_gain = lambda b: -0.2 if len(script.trained) in (2, 3) else 0.1
+    surgeon = _surgeon(script, max_epochs=15, initial_epochs=5, epoch_step=10, max_retries=2)
+    surgeon.run(_net())
+    records = surgeon.history.candidates
+    screened = [r for r in records if r.screen_metric is not None]
+    assert {r.attempt for r in screened} == {0, 1}
+    assert all(r.attempt is None for r in records if r.screen_metric is None)
+    first = [r for r in screened if r.attempt == 0 and r.trained]
+    assert len(first) == 2 and not any(r.kept for r in first)
+    kept = [r for r in records if r.kept]
+    assert kept and all(r.attempt == 1 for r in kept)
+    retried = [r for r in screened if r.attempt == 1]
+    assert not any(r.op == "B" for r in retried)  # B was tried in the first attempt
+    ids = [r.branch for r in screened]
+    assert len(ids) == len(set(ids))  # no candidate screened twice
+
+
+def test_fallback_keeps_best_trained_when_retries_run_out():
+    script = Script(train_gain=-0.1)
+    surgeon = _surgeon(script, max_epochs=15, epoch_step=10, max_retries=0)
+    branches = surgeon.generation([_root(surgeon, script)], 1)
+    assert len(branches) == 1
+    trained = [r for r in surgeon.history.candidates if r.trained]
+    assert branches[0].metric == max(r.metric for r in trained)
+    assert all(r.attempt == 0 for r in surgeon.history.candidates if r.screen_metric is not None)
+
+
+def _root(surgeon, script, metric=0.9):
+    root = surgeon._branch(_net())
+    surgeon._train(root, 5)
+    root.metric = metric
+    return root
+
+
+def test_non_finite_candidates_are_discarded():
+    def poison(branch):
+        if branch.change.op != "B":
+            with torch.no_grad():
+                next(branch.net.parameters()).fill_(math.nan)
+        return 0.9
+
+    script = Script(screen_metric=poison)
+    surgeon = _surgeon(script, max_epochs=15, epoch_step=10)
+    survivors = surgeon.generation([_root(surgeon, script)], 1)
+    assert [b.change.op for b in survivors] == ["B"]
+    for r in surgeon.history.candidates:
+        if r.screen_metric is not None and r.op != "B":
+            assert r.score == -math.inf and not r.trained
+
+
+def test_random_walk_trains_one_random_candidate_without_screening():
+    script = Script()
+    surgeon = _surgeon(script, random_walk=True)
+    best = surgeon.run(_net())
+    assert script.screened == []
+    assert best.epochs == 30
+    per_gen = {}
+    for r in surgeon.history.candidates:
+        per_gen.setdefault(r.generation, []).append(r.trained)
+    assert all(sum(v) == 1 for v in per_gen.values()) and len(per_gen) == 3
+
+
+def test_winner_by_accuracy_or_by_score():
+    a = Branch(0, None, metric=0.9, score=0.5)
+    b = Branch(1, None, metric=0.8, score=0.7)
+    assert _surgeon(Script()).winner([a, b]) is a
+    assert _surgeon(Script(), select_by="score").winner([a, b]) is b
+
+
+def test_history_is_plain_data_with_genealogy():
+    script = Script(screen_metric=lambda b: 0.5 + 0.01 * (b.change.op == "AN"))
+    surgeon = _surgeon(script)
+    best = surgeon.run(_net())
+    data = json.loads(json.dumps(surgeon.history.to_dict()))
+    fields = {"generation", "parent", "op", "layer", "amount", "weight", "param_ratio",
+              "screen_metric", "score", "kept"}
+    assert fields <= set(data["candidates"][0])
+    genealogy = data["genealogy"]
+    node, lineage = str(best.id), []
+    while node != "None":
+        lineage.append(genealogy[node]["change"])
+        node = str(genealogy[node]["parent"])
+    assert len(lineage) == 1 + surgeon.settings.generations  # root + one change each
+    assert genealogy[str(best.id)]["epochs"] == 30
+
+
+def test_paper_mode_and_default_pick_differently():
+    # Paper ranking picks the biggest AN; modest the smallest.
+    picks = {}
+    for mode, settings in {"default": SurgerySettings(), "paper": SurgerySettings.paper()}.items():
+        script = Script()
+        surgeon = Surgeon(settings.replace(include_random=False, sv_source="incoming"),
+                          script.train, script.screen)
+        root = Branch(0, _net(), metric=0.5)
+        from lit_surgery.criteria import Candidate
+
+        pool = [(root, Candidate("B"))] + [(root, c) for c in surgeon.propose(root.net)]
+        chosen = [pool[i][1] for i in surgeon.select(pool, list(range(len(pool))))]
+        picks[mode] = next(c for c in chosen if c.op == "AN")
+    assert picks["paper"].amount == 10 * picks["default"].amount
