@@ -1,0 +1,183 @@
+"""Surgery in a plain PyTorch loop: the reference driver for tests and quick runs.
+
+Batches are index slices of tensors that stay on the device; every branch keeps its
+optimiser state between cycles (carried across surgery by the policy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from lit_surgery.data import TensorSplits, digits
+from lit_surgery.network import SurgeryNet, build
+from lit_surgery.policy import Branch, CandidateRecord, Surgeon, SurgerySettings
+from lit_surgery.topology import Topology
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+
+
+class PlainTrainer:
+    """``train`` and ``screen`` callables for :class:`~lit_surgery.policy.Surgeon`."""
+
+    def __init__(
+        self,
+        data: TensorSplits,
+        *,
+        batch_size: int = 32,
+        optimizer: str = "sgd",
+        lr: float = 0.005,
+        momentum: float = 0.0,
+        seed: int = 0,
+    ) -> None:
+        if optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
+        if batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
+        self.data = data
+        self.batch_size = batch_size
+        self.optimizer_kwargs: dict = {"lr": lr}
+        if optimizer == "sgd":
+            self.optimizer_kwargs["momentum"] = momentum
+        self.optimizer_cls = OPTIMIZERS[optimizer]
+        self.generator = torch.Generator(device=data.x_train.device).manual_seed(seed)
+
+    def optimizer(self, branch: Branch) -> torch.optim.Optimizer:
+        opt = self.optimizer_cls(branch.net.parameters(), **self.optimizer_kwargs)
+        if branch.optimizer_state is not None:
+            opt.load_state_dict(branch.optimizer_state)
+        return opt
+
+    def _steps(self, net: nn.Module, opt: torch.optim.Optimizer, indices: torch.Tensor) -> None:
+        net.train()
+        x, y = self.data.x_train, self.data.y_train
+        for start in range(0, len(indices), self.batch_size):
+            batch = indices[start : start + self.batch_size]
+            loss = F.cross_entropy(net(x[batch]), y[batch])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+    def _permutation(self) -> torch.Tensor:
+        n = len(self.data.y_train)
+        return torch.randperm(n, generator=self.generator, device=self.data.x_train.device)
+
+    def train(self, branch: Branch, epochs: int) -> float:
+        opt = self.optimizer(branch)
+        for _ in range(epochs):
+            self._steps(branch.net, opt, self._permutation())
+        branch.optimizer_state = opt.state_dict()
+        return self.evaluate(branch.net)
+
+    def screen(self, branch: Branch, batches: int) -> float:
+        opt = self.optimizer(branch)
+        self._steps(branch.net, opt, self._permutation()[: batches * self.batch_size])
+        branch.optimizer_state = opt.state_dict()
+        return self.evaluate(branch.net)
+
+    @torch.no_grad()
+    def evaluate(self, net: nn.Module) -> float:
+        net.eval()
+        logits = net(self.data.x_val)
+        return float((logits.argmax(1) == self.data.y_val).float().mean())
+
+
+def format_generation(
+    generation: int, records: list[CandidateRecord], survivors: list[Branch]
+) -> str:
+    screened = [r for r in records if r.screen_metric is not None]
+    lines = [f"generation {generation}: {len(records)} candidates, {len(screened)} screened"]
+    for r in sorted(screened, key=lambda r: r.score, reverse=True):
+        change = (
+            r.op if r.op == "B" else f"{r.op}@{r.layer}" + (f" x{r.amount}" if r.amount else "")
+        )
+        trained = f" -> trained {r.metric:.4f}" if r.trained else ""
+        lines.append(
+            f"  {'*' if r.kept else ' '} {change:<12} from #{r.parent:<3} q={r.param_ratio:5.2f} "
+            f"screen={r.screen_metric:.4f} score={r.score:.4f}{trained}"
+        )
+    for b in survivors:
+        lines.append(
+            f"  kept #{b.id}: {b.net.topology.describe()} ({b.net.topology.num_params} "
+            f"params) val={b.metric:.4f}"
+        )
+    return "\n".join(lines)
+
+
+def run(
+    hidden: Sequence[int],
+    settings: SurgerySettings,
+    *,
+    seed: int = 0,
+    optimizer: str = "sgd",
+    lr: float = 0.02,
+    momentum: float = 0.9,
+    batch_size: int = 32,
+    verbose: bool = True,
+) -> tuple[Branch, Surgeon]:
+    """Surgery on digits from hidden widths ``hidden``; returns the winner and the surgeon."""
+    torch.manual_seed(seed)
+    data = digits(seed=seed)
+    net: SurgeryNet = build(Topology.mlp(data.input_size, hidden, data.num_classes))
+    trainer = PlainTrainer(
+        data, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, seed=seed
+    )
+
+    def report(generation: int, records: list[CandidateRecord], survivors: list[Branch]) -> None:
+        if verbose:
+            print(format_generation(generation, records, survivors), flush=True)
+
+    surgeon = Surgeon(settings, trainer.train, trainer.screen, seed=seed, on_generation=report)
+    return surgeon.run(net), surgeon
+
+
+def main(argv: Sequence[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(
+        prog="lit-surgery plain", description="Neural network surgery on digits, plain PyTorch."
+    )
+    parser.add_argument("--hidden", type=int, nargs="+", default=[4], help="start widths")
+    parser.add_argument("--max-epochs", type=int, default=40)
+    parser.add_argument("--initial-epochs", type=int, default=5)
+    parser.add_argument("--epoch-step", type=int, default=5)
+    parser.add_argument("--paper", action="store_true", help="the reference's choices")
+    parser.add_argument("--random-walk", action="store_true")
+    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
+    parser.add_argument("--lr", type=float, default=0.02)
+    parser.add_argument("--momentum", type=float, default=0.9)
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args(argv)
+    schedule = dict(
+        max_epochs=args.max_epochs,
+        initial_epochs=args.initial_epochs,
+        epoch_step=args.epoch_step,
+        random_walk=args.random_walk,
+    )
+    settings = SurgerySettings.paper(**schedule) if args.paper else SurgerySettings(**schedule)
+    start = time.perf_counter()
+    best, surgeon = run(
+        args.hidden,
+        settings,
+        seed=args.seed,
+        optimizer=args.optimizer,
+        lr=args.lr,
+        momentum=args.momentum,
+        batch_size=args.batch_size,
+    )
+    elapsed = time.perf_counter() - start
+    topo = best.net.topology
+    print(f"final topology: {topo.describe()} widths={topo.widths} params={topo.num_params}")
+    print(
+        f"final validation accuracy: {best.metric:.4f} (branch #{best.id}, "
+        f"{best.epochs} epochs in its lineage, {surgeon.history.epochs_trained} epochs "
+        f"trained in all, {surgeon.history.batches_screened} screening batches, {elapsed:.1f} s)"
+    )
+
+
+if __name__ == "__main__":
+    main()
