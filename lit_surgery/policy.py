@@ -290,6 +290,15 @@ class History:
             "epochs": branch.epochs,
         }
 
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> History:
+        return cls(
+            [CandidateRecord(**c) for c in data["candidates"]],
+            {int(k): v for k, v in data["genealogy"].items()},
+            data["epochs_trained"],
+            data["batches_screened"],
+        )
+
     def to_dict(self) -> dict[str, Any]:
         return {
             "candidates": [asdict(c) for c in self.candidates],
@@ -297,6 +306,26 @@ class History:
             "epochs_trained": self.epochs_trained,
             "batches_screened": self.batches_screened,
         }
+
+
+@dataclass
+class Generation:
+    """The state of one generation between its phases (begin, train, conclude)."""
+
+    number: int
+    epochs: int
+    parents: list[Branch]
+    pool: list[tuple[Branch, Candidate]]
+    records: list[CandidateRecord]
+    untried: list[int]
+    previous_best: float
+    attempt: int = -1
+    to_train: list[Branch] = field(default_factory=list)
+    trained: list[Branch] = field(default_factory=list)
+    survivors: list[Branch] = field(default_factory=list)
+
+    def record_of(self, branch: Branch) -> CandidateRecord:
+        return next(r for r in self.records if r.branch == branch.id)
 
 
 GenerationCallback = Callable[[int, list[CandidateRecord], list[Branch]], None]
@@ -328,7 +357,7 @@ class Surgeon:
     def run(self, net: SurgeryNet) -> Branch:
         """Train ``net`` and operate on it for the whole schedule; return the winner."""
         s = self.settings
-        root = self._branch(net)
+        root = self.new_root(net)
         self._train(root, s.initial_epochs)
         branches = [root]
         for generation in range(1, s.generations + 1):
@@ -340,23 +369,85 @@ class Surgeon:
             return max(branches, key=lambda b: b.score)
         return max(branches, key=lambda b: -math.inf if b.metric is None else b.metric)
 
-    def generation(self, branches: list[Branch], generation: int) -> list[Branch]:
-        """One generation from the surviving ``branches``; returns the new survivors."""
-        s = self.settings
-        epochs = s.cycle_epochs(generation)
+    def generation(self, branches: list[Branch], number: int) -> list[Branch]:
+        """One whole generation from the surviving ``branches``; returns the new survivors."""
+        gen = self.begin(branches, number)
+        while True:
+            metrics = [self.train(b, gen.epochs) for b in gen.to_train]
+            if self.conclude(gen, metrics):
+                return gen.survivors
+
+    def begin(self, branches: list[Branch], number: int) -> Generation:
+        """Propose, select and screen; ``Generation.to_train`` then needs a cycle of training
+        (by the caller) before :meth:`conclude`."""
         pool: list[tuple[Branch, Candidate]] = []
         for parent in branches:
             pool.append((parent, Candidate("B")))
             pool += [(parent, c) for c in self.propose(parent.net)]
-        records = [self._record(generation, parent, c) for parent, c in pool]
+        gen = Generation(
+            number=number,
+            epochs=self.settings.cycle_epochs(number),
+            parents=list(branches),
+            pool=pool,
+            records=[self._record(number, parent, c) for parent, c in pool],
+            untried=list(range(len(pool))),
+            previous_best=max(b.metric for b in branches),
+        )
+        self._attempt(gen)
+        return gen
+
+    def conclude(self, gen: Generation, metrics: list[float]) -> bool:
+        """Record the cycle's results for ``gen.to_train``. True when the generation is over
+        (``gen.survivors`` set); False when a retry put new branches in ``gen.to_train``."""
+        if len(metrics) != len(gen.to_train):
+            raise ValueError(f"expected {len(gen.to_train)} metrics, got {len(metrics)}")
+        for branch, metric in zip(gen.to_train, metrics, strict=True):
+            branch.metric = metric
+            branch.epochs += gen.epochs
+            self.history.epochs_trained += gen.epochs
+            self.history.node(branch)
+            record = gen.record_of(branch)
+            record.trained, record.metric = True, metric
+        gen.trained += gen.to_train
+        gen.to_train = []
+        kept = [b for b in gen.trained if b.metric >= gen.previous_best]
+        s = self.settings
+        if not kept and not s.random_walk and gen.untried and gen.attempt < s.max_retries:
+            self._attempt(gen)
+            return False
         if s.random_walk:
-            survivors = self._random_walk(pool, records, epochs)
-        else:
-            survivors = self._select_and_train(branches, pool, records, epochs)
-        self.history.candidates += records
+            kept = list(gen.trained)
+        if not kept:
+            kept = [max(gen.trained, key=lambda b: b.metric)] if gen.trained else gen.parents
+        kept.sort(key=lambda b: b.metric, reverse=True)
+        gen.survivors = kept[: s.parallel_branches]
+        ids = {b.id for b in gen.survivors}
+        for record in gen.records:
+            record.kept = record.branch in ids
+        self.history.candidates += gen.records
         if self.on_generation is not None:
-            self.on_generation(generation, records, survivors)
-        return survivors
+            self.on_generation(gen.number, gen.records, gen.survivors)
+        return True
+
+    def state_dict(self) -> dict[str, Any]:
+        """Randomness, ids and history: with the open generation's state, enough to resume."""
+        return {
+            "rng": self.rng.getstate(),
+            "generator": self.generator.get_state(),
+            "next_id": self._next_id,
+            "history": self.history.to_dict(),
+        }
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        version, internal, gauss = state["rng"]
+        self.rng.setstate((version, tuple(internal), gauss))
+        self.generator.set_state(state["generator"])
+        self._next_id = state["next_id"]
+        self.history = History.from_dict(state["history"])
+
+    def new_root(self, net: SurgeryNet) -> Branch:
+        """The branch that starts the lineage (before the initial epochs)."""
+        return self._branch(net)
 
     def propose(self, net: SurgeryNet) -> list[Candidate]:
         s = self.settings
@@ -413,59 +504,28 @@ class Surgeon:
 
     # ------------------------------------------------------------------ internals
 
-    def _select_and_train(
-        self,
-        branches: list[Branch],
-        pool: list[tuple[Branch, Candidate]],
-        records: list[CandidateRecord],
-        epochs: int,
-    ) -> list[Branch]:
-        s = self.settings
-        previous_best = max(b.metric for b in branches)
-        untried = list(range(len(pool)))
-        trained: list[Branch] = []
-        kept: list[Branch] = []
-        for attempt in range(s.max_retries + 1):
-            if not untried:
-                break
-            chosen = self.select(pool, untried)
-            untried = [i for i in untried if i not in chosen]
-            screened = []
-            for i in chosen:
-                parent, candidate = pool[i]
-                child = self._screen(parent, candidate, generation=records[i].generation)
-                records[i].attempt, records[i].branch = attempt, child.id
-                records[i].screen_metric, records[i].score = child.metric, child.score
-                screened.append(child)
-            for child in self.survivors(screened):
-                self._train(child, epochs)
-                record = next(r for r in records if r.branch == child.id)
-                record.trained, record.metric = True, child.metric
-                trained.append(child)
-            kept = [b for b in trained if b.metric >= previous_best]
-            if kept:
-                break
-        if not kept:
-            kept = [max(trained, key=lambda b: b.metric)] if trained else branches
-        kept.sort(key=lambda b: b.metric, reverse=True)
-        kept = kept[: s.parallel_branches]
-        for record in records:
-            record.kept = any(record.branch == b.id for b in kept)
-        return kept
-
-    def _random_walk(
-        self,
-        pool: list[tuple[Branch, Candidate]],
-        records: list[CandidateRecord],
-        epochs: int,
-    ) -> list[Branch]:
-        i = self.rng.randrange(len(pool))
-        parent, candidate = pool[i]
-        child = self._child(parent, candidate, records[i].generation)
-        self._train(child, epochs)
-        records[i].branch, records[i].trained, records[i].metric = child.id, True, child.metric
-        records[i].kept = True
-        return [child]
+    def _attempt(self, gen: Generation) -> None:
+        """Select from the untried candidates, screen them, queue the survivors."""
+        gen.attempt += 1
+        if self.settings.random_walk:
+            i = self.rng.randrange(len(gen.pool))
+            gen.untried.remove(i)
+            parent, candidate = gen.pool[i]
+            child = self._child(parent, candidate, gen.number)
+            gen.records[i].attempt, gen.records[i].branch = gen.attempt, child.id
+            gen.to_train = [child]
+            return
+        chosen = self.select(gen.pool, gen.untried)
+        gen.untried = [i for i in gen.untried if i not in chosen]
+        screened = []
+        for i in chosen:
+            parent, candidate = gen.pool[i]
+            child = self._screen(parent, candidate, gen.number)
+            record = gen.records[i]
+            record.attempt, record.branch = gen.attempt, child.id
+            record.screen_metric, record.score = child.metric, child.score
+            screened.append(child)
+        gen.to_train = self.survivors(screened)
 
     def _screen(self, parent: Branch, candidate: Candidate, generation: int) -> Branch:
         child = self._child(parent, candidate, generation)
@@ -509,6 +569,7 @@ class Surgeon:
         return branch
 
     def _train(self, branch: Branch, epochs: int) -> None:
+        """Initial training of the root (generations go through :meth:`conclude`)."""
         branch.metric = self.train(branch, epochs)
         branch.epochs += epochs
         self.history.epochs_trained += epochs
@@ -518,3 +579,80 @@ class Surgeon:
         return CandidateRecord(
             generation, parent.id, c.op, c.layer, c.amount, c.weight, c.param_ratio, c.activation
         )
+
+
+# ---------------------------------------------------------------------------- checkpoints
+# Plain data (dicts, lists, numbers, strings, tensors): loads with torch.load(weights_only=True).
+
+
+def branch_state(branch: Branch) -> dict[str, Any]:
+    return {
+        "id": branch.id,
+        "parent": branch.parent,
+        "generation": branch.generation,
+        "change": branch.change.to_dict(),
+        "topology": branch.net.topology.to_dict(),
+        "weights": {k: v.detach().clone() for k, v in branch.net.state_dict().items()},
+        "optimizer_state": branch.optimizer_state,
+        "metric": branch.metric,
+        "score": branch.score,
+        "epochs": branch.epochs,
+    }
+
+
+def branch_from_state(state: dict[str, Any]) -> Branch:
+    from lit_surgery.network import build
+    from lit_surgery.topology import Topology
+
+    net = build(Topology.from_dict(state["topology"]))
+    net.load_state_dict(state["weights"])
+    return Branch(
+        state["id"],
+        net,
+        state["parent"],
+        state["generation"],
+        Candidate(**state["change"]),
+        state["optimizer_state"],
+        state["metric"],
+        state["score"],
+        state["epochs"],
+    )
+
+
+def generation_state(gen: Generation) -> dict[str, Any]:
+    branches = {b.id: b for b in [*gen.parents, *gen.to_train, *gen.trained]}
+    return {
+        "number": gen.number,
+        "epochs": gen.epochs,
+        "attempt": gen.attempt,
+        "previous_best": gen.previous_best,
+        "untried": list(gen.untried),
+        "branches": [branch_state(b) for b in branches.values()],
+        "parents": [b.id for b in gen.parents],
+        "pool": [[p.id, c.to_dict()] for p, c in gen.pool],
+        "records": [asdict(r) for r in gen.records],
+        "to_train": [b.id for b in gen.to_train],
+        "trained": [b.id for b in gen.trained],
+    }
+
+
+def generation_from_state(
+    state: dict[str, Any], nets: dict[int, SurgeryNet] | None = None
+) -> Generation:
+    """Rebuild a generation; ``nets`` (by branch id) replaces the stored networks of branches
+    that live elsewhere, e.g. the Lightning module's population."""
+    branches = {s["id"]: branch_from_state(s) for s in state["branches"]}
+    for i, net in (nets or {}).items():
+        branches[i].net = net
+    return Generation(
+        number=state["number"],
+        epochs=state["epochs"],
+        parents=[branches[i] for i in state["parents"]],
+        pool=[(branches[i], Candidate(**c)) for i, c in state["pool"]],
+        records=[CandidateRecord(**r) for r in state["records"]],
+        untried=list(state["untried"]),
+        previous_best=state["previous_best"],
+        attempt=state["attempt"],
+        to_train=[branches[i] for i in state["to_train"]],
+        trained=[branches[i] for i in state["trained"]],
+    )
