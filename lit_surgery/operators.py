@@ -93,7 +93,7 @@ class _Plan:
 
 
 def _check_layer(topology: Topology, layer: int, what: str) -> None:
-    if not isinstance(layer, int) or not 0 <= layer < topology.depth:
+    if not isinstance(layer, int) or isinstance(layer, bool) or not 0 <= layer < topology.depth:
         raise OperatorError(
             f"{what}: layer {layer!r} is out of range; the network has {topology.depth} "
             f"hidden layers (0..{topology.depth - 1})"
@@ -146,7 +146,7 @@ def base(net: SurgeryNet) -> Mutation:
 
 def add_neurons_topology(topology: Topology, layer: int, amount: int) -> Topology:
     _check_layer(topology, layer, "AN")
-    if not isinstance(amount, int) or amount < 1:
+    if not isinstance(amount, int) or isinstance(amount, bool) or amount < 1:
         raise OperatorError(f"AN: amount must be a positive number of units, got {amount!r}")
     hidden = list(topology.hidden)
     hidden[layer] = Layer(

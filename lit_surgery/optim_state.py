@@ -35,7 +35,7 @@ def _carry(entry: dict[str, Any], source: Source, old_shape: torch.Size | None) 
     new: dict[str, Any] = {}
     for key, value in entry.items():
         if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old_shape:
-            new[key] = _remap(value, source.index)
+            new[key] = _remap(value, source.index).clone()  # never share with the parent
         else:  # step counters and other per-parameter scalars
             new[key] = copy.deepcopy(value)
     return new
