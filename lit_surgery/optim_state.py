@@ -71,3 +71,37 @@ def transfer_state(
     group = {k: copy.deepcopy(v) for k, v in groups[0].items() if k != "params"}
     group["params"] = list(range(len(param_map)))
     return {"state": new_state, "param_groups": [group]}
+
+
+def split_state(state_dict: dict[str, Any], sizes: list[int]) -> list[dict[str, Any]]:
+    """Cut the state of one optimiser over several networks' parameters (concatenated in
+    order, ``sizes`` parameters each) into one state dict per network."""
+    (group,) = state_dict["param_groups"]
+    if len(group["params"]) != sum(sizes):
+        raise ValueError(
+            f"optimiser has {len(group['params'])} parameters, sizes sum to {sum(sizes)}"
+        )
+    position = {pid: i for i, pid in enumerate(group["params"])}
+    by_position = {position[pid]: entry for pid, entry in state_dict["state"].items()}
+    hyper = {k: v for k, v in group.items() if k != "params"}
+    parts, offset = [], 0
+    for size in sizes:
+        state = {i: by_position[offset + i] for i in range(size) if offset + i in by_position}
+        parts.append({"state": state, "param_groups": [{**hyper, "params": list(range(size))}]})
+        offset += size
+    return parts
+
+
+def join_state(
+    parts: list[dict[str, Any] | None], sizes: list[int], hyper: dict[str, Any]
+) -> dict[str, Any]:
+    """The inverse of :func:`split_state`; a ``None`` part (no state yet) starts fresh.
+    Hyperparameters (e.g. the scheduled ``lr``) come from ``hyper``."""
+    state, offset = {}, 0
+    for part, size in zip(parts, sizes, strict=True):
+        if part is not None:
+            for i, entry in part["state"].items():
+                state[offset + int(i)] = entry
+        offset += size
+    group = {k: v for k, v in hyper.items() if k != "params"}
+    return {"state": state, "param_groups": [{**group, "params": list(range(offset))}]}

@@ -337,7 +337,7 @@ class Surgeon:
     def __init__(
         self,
         settings: SurgerySettings,
-        train: TrainFn,
+        train: TrainFn | None,
         screen: ScreenFn,
         *,
         seed: int = 0,
@@ -371,6 +371,8 @@ class Surgeon:
 
     def generation(self, branches: list[Branch], number: int) -> list[Branch]:
         """One whole generation from the surviving ``branches``; returns the new survivors."""
+        if self.train is None:
+            raise RuntimeError("this Surgeon has no train callable; drive begin/conclude instead")
         gen = self.begin(branches, number)
         while True:
             metrics = [self.train(b, gen.epochs) for b in gen.to_train]
@@ -402,10 +404,7 @@ class Surgeon:
         if len(metrics) != len(gen.to_train):
             raise ValueError(f"expected {len(gen.to_train)} metrics, got {len(metrics)}")
         for branch, metric in zip(gen.to_train, metrics, strict=True):
-            branch.metric = metric
-            branch.epochs += gen.epochs
-            self.history.epochs_trained += gen.epochs
-            self.history.node(branch)
+            self.record_training(branch, gen.epochs, metric)
             record = gen.record_of(branch)
             record.trained, record.metric = True, metric
         gen.trained += gen.to_train
@@ -570,7 +569,11 @@ class Surgeon:
 
     def _train(self, branch: Branch, epochs: int) -> None:
         """Initial training of the root (generations go through :meth:`conclude`)."""
-        branch.metric = self.train(branch, epochs)
+        self.record_training(branch, epochs, self.train(branch, epochs))
+
+    def record_training(self, branch: Branch, epochs: int, metric: float) -> None:
+        """Account for ``epochs`` of training of ``branch`` that ended at ``metric``."""
+        branch.metric = metric
         branch.epochs += epochs
         self.history.epochs_trained += epochs
         self.history.node(branch)

@@ -1,0 +1,83 @@
+"""The custom fit loop: surgery between epochs inside one ``trainer.fit``.
+
+At each generation boundary the module operates (:meth:`SurgeryModule.operate`); if the
+population changed, the loop puts the bare module back as the strategy's model, moves it
+to the device, wraps it in a fresh DDP wrapper (without that DDP silently stops
+synchronising new parameters), rebuilds the optimiser and scheduler, and loads the
+optimiser state that the surviving parameters carried over. See LIGHTNING-NOTES.md.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning.pytorch as pl
+from lightning.fabric.utilities.optimizer import _optimizers_to_device
+from lightning.pytorch.loops import _FitLoop
+from lightning.pytorch.strategies import DDPStrategy
+
+from lit_surgery.module import SurgeryModule
+
+
+class SurgeryFitLoop(_FitLoop):
+    """``trainer.fit_loop = SurgeryFitLoop(trainer)`` (done by :func:`attach`)."""
+
+    def __init__(self, trainer: pl.Trainer, epoch_loop: Any | None = None) -> None:
+        super().__init__(
+            trainer, min_epochs=trainer.fit_loop.min_epochs, max_epochs=trainer.fit_loop.max_epochs
+        )
+        if epoch_loop is not None:
+            self.epoch_loop = epoch_loop
+
+    @property
+    def module(self) -> SurgeryModule:
+        module = self.trainer.lightning_module
+        if not isinstance(module, SurgeryModule):
+            raise TypeError(f"SurgeryFitLoop needs a SurgeryModule, got {type(module).__name__}")
+        return module
+
+    def on_run_start(self) -> None:
+        self.max_epochs = self.module.planned_epochs
+        super().on_run_start()
+
+    def on_advance_start(self) -> None:
+        self._operate()
+        super().on_advance_start()
+
+    def on_advance_end(self) -> None:
+        super().on_advance_end()
+        if self.epoch_progress.current.completed >= self.max_epochs:
+            self._operate()  # the last generation ends with the run
+
+    def _operate(self) -> None:
+        module = self.module
+        if module.operate(self.epoch_progress.current.completed):
+            self.max_epochs = module.planned_epochs
+            self._rebuild()
+
+    def _rebuild(self) -> None:
+        trainer, module = self.trainer, self.module
+        strategy = trainer.strategy
+        old = trainer.optimizers[0] if trainer.optimizers else None
+        hyper = old.state_dict()["param_groups"][0] if old is not None else {}
+        schedulers = [config.scheduler.state_dict() for config in strategy.lr_scheduler_configs]
+        strategy.model = module
+        module.to(strategy.root_device)
+        if isinstance(strategy, DDPStrategy):
+            if strategy._layer_sync:
+                strategy.model = strategy._layer_sync.apply(module)
+            strategy.configure_ddp()
+        strategy.setup_optimizers(trainer)
+        optimizer = trainer.optimizers[0]
+        if old is not None:
+            optimizer.load_state_dict(module.carried_optimizer_state(hyper))
+        for config, state in zip(strategy.lr_scheduler_configs, schedulers, strict=False):
+            config.scheduler.load_state_dict(state)
+        _optimizers_to_device(trainer.optimizers, strategy.root_device)
+
+
+def attach(trainer: pl.Trainer) -> pl.Trainer:
+    """Install the surgery loop on ``trainer`` (keeping its epoch loop)."""
+    if not isinstance(trainer.fit_loop, SurgeryFitLoop):
+        trainer.fit_loop = SurgeryFitLoop(trainer, epoch_loop=trainer.fit_loop.epoch_loop)
+    return trainer

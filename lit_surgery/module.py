@@ -1,0 +1,351 @@
+"""The LightningModule that owns a mutable topology.
+
+It holds a *population*: the branches being trained in parallel (one network each, in an
+``nn.ModuleList``). Every training step trains all of them on the same batch (the summed
+loss gives each network its own gradient), so parallel branches share one ``fit``, one
+optimiser and one DDP wrapper. Surgery itself (:meth:`SurgeryModule.operate`) is called
+by :class:`~lit_surgery.loop.SurgeryFitLoop` at generation boundaries; it runs the policy's
+phases on rank 0 and broadcasts the outcome, so every rank holds the same networks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
+from torch import Tensor, nn
+from torchmetrics.classification import MulticlassAccuracy
+
+from lit_surgery.network import SurgeryNet, build
+from lit_surgery.optim_state import join_state, split_state
+from lit_surgery.policy import (
+    Branch,
+    Generation,
+    Surgeon,
+    SurgerySettings,
+    branch_from_state,
+    branch_state,
+    generation_from_state,
+    generation_state,
+)
+from lit_surgery.topology import Topology
+
+CHECKPOINT_VERSION = 1
+
+
+class CheckpointError(ValueError):
+    """A checkpoint that lit_surgery cannot resume from."""
+
+
+def _cpu(value: Any) -> Any:
+    """A copy of nested plain data with every tensor on the CPU (for broadcasts)."""
+    if isinstance(value, Tensor):
+        return value.detach().cpu().clone()
+    if isinstance(value, dict):
+        return {k: _cpu(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return type(value)(_cpu(v) for v in value)
+    return value
+
+
+class SurgeryModule(pl.LightningModule):
+    """Trains a fully connected classifier and operates on its topology during ``fit``.
+
+    Args:
+        hidden: start widths of the hidden layers.
+        activation: activation of the start layers.
+        surgery: the policy's settings (schedule, thresholds, choices); its ``max_epochs``
+            is the run's length (the CLI links it to ``trainer.max_epochs``).
+        optimizer: optimiser factory (LightningCLI ``class_path``); default SGD, lr 0.005
+            (the paper).
+        lr_scheduler: optional scheduler factory; its state survives surgery.
+        input_size: flattened input size; default: from the datamodule.
+        num_classes: default: from the datamodule.
+        seed: seeds the start network, the policy's choices and screening batches.
+    """
+
+    def __init__(
+        self,
+        hidden: Sequence[int] = (10, 10, 10),
+        activation: str = "relu",
+        surgery: SurgerySettings | None = None,
+        optimizer: OptimizerCallable | None = None,
+        lr_scheduler: LRSchedulerCallable | None = None,
+        input_size: int | None = None,
+        num_classes: int | None = None,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(surgery, dict):
+            surgery = SurgerySettings(**surgery)
+        self.settings = surgery or SurgerySettings()
+        self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "surgery"])
+        self.hparams["surgery"] = self.settings.to_dict()
+        self.start_hidden = [int(w) for w in hidden]
+        self.activation = activation
+        self.optimizer_factory = optimizer
+        self.scheduler_factory = lr_scheduler
+        self.input_size = input_size
+        self.num_classes = num_classes
+        self.seed = seed
+        self.surgeon = Surgeon(self.settings, train=None, screen=self.screen, seed=seed)
+        self.population = nn.ModuleList()
+        self.branches: list[Branch] = []
+        self.open_generation: Generation | None = None
+        self.next_boundary: int | None = self.settings.initial_epochs
+        self.extra_epochs = 0
+        self.done_generations = 0
+        self.epoch_log: list[dict[str, Any]] = []
+        self.train_acc = MulticlassAccuracy(num_classes or 2)
+        if input_size is not None and num_classes is not None:
+            self._build_root()
+
+    # ------------------------------------------------------------------ network
+
+    def _build_root(self) -> None:
+        torch.manual_seed(self.seed)
+        topo = Topology.mlp(self.input_size, self.start_hidden, self.num_classes, self.activation)
+        root = self.surgeon.new_root(build(topo))
+        self.train_acc = MulticlassAccuracy(self.num_classes)
+        self._install([root])
+
+    def setup(self, stage: str) -> None:
+        if len(self.population) == 0:
+            dm = self.trainer.datamodule
+            self.input_size = self.input_size or int(torch.tensor(dm.input_shape).prod())
+            self.num_classes = self.num_classes or dm.num_classes
+            self._build_root()
+
+    def _install(self, branches: list[Branch]) -> None:
+        self.branches = list(branches)
+        device = self.device
+        self.population = nn.ModuleList(b.net.to(device) for b in branches)
+
+    @property
+    def net(self) -> SurgeryNet:
+        """The leading branch: the best one after the last generation."""
+        return self.population[0]
+
+    @property
+    def topology(self) -> Topology:
+        return self.net.topology
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+    # ------------------------------------------------------------------ training
+
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+        x, y = batch
+        logits = [net(x) for net in self.population]
+        losses = [F.cross_entropy(out, y) for out in logits]
+        self.train_acc(logits[0], y)
+        self.log("train/loss", losses[0], prog_bar=True, on_step=False, on_epoch=True)
+        self.log(
+            "train/acc", self.train_acc, on_step=False, on_epoch=True, metric_attribute="train_acc"
+        )
+        return torch.stack(losses).sum()
+
+    def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "val")
+
+    def test_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
+        self._eval_step(batch, "test")
+
+    def predict_step(self, batch: Any, batch_idx: int) -> Tensor:
+        x = batch[0] if isinstance(batch, list | tuple) else batch
+        return self.net(x).argmax(1)
+
+    def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
+        x, y = batch
+        logits = self.net(x)
+        self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
+        correct = (logits.argmax(1) == y).float().mean()
+        self.log(f"{stage}/acc", correct, prog_bar=True, sync_dist=True)
+
+    def on_train_epoch_end(self) -> None:
+        topo = self.topology
+        self.log("model/num_params", float(topo.num_params))
+        self.log("model/depth", float(topo.depth))
+        self.epoch_log.append(
+            {
+                "epoch": self.current_epoch,
+                "widths": topo.widths,
+                "num_params": topo.num_params,
+                "branches": len(self.population),
+            }
+        )
+
+    def configure_optimizers(self) -> Any:
+        params = list(self.population.parameters())
+        if self.optimizer_factory is None:
+            optimizer = torch.optim.SGD(params, lr=0.005)
+        else:
+            optimizer = self.optimizer_factory(params)
+        if self.scheduler_factory is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
+
+    def _new_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
+        if self.optimizer_factory is None:
+            return torch.optim.SGD(net.parameters(), lr=0.005)
+        return self.optimizer_factory(net.parameters())
+
+    # ------------------------------------------------------------------ surgery
+
+    def _datamodule_splits(self) -> Any:
+        return self.trainer.datamodule.splits
+
+    @torch.no_grad()
+    def evaluate(self, net: nn.Module) -> float:
+        """Validation accuracy of ``net`` on the whole validation split (same on every rank)."""
+        splits = self._datamodule_splits()
+        was_training = net.training
+        net.eval()
+        correct = 0
+        for start in range(0, len(splits.y_val), 4096):
+            x = splits.x_val[start : start + 4096].to(self.device)
+            y = splits.y_val[start : start + 4096].to(self.device)
+            correct += int((net(x).argmax(1) == y).sum())
+        net.train(was_training)
+        return correct / len(splits.y_val)
+
+    def screen(self, branch: Branch, batches: int) -> float:
+        """Short re-training of a candidate on seeded random batches, then its accuracy."""
+        splits = self._datamodule_splits()
+        batch_size = self.trainer.datamodule.batch_size
+        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + branch.id)
+        branch.net.to(self.device).train()
+        optimizer = self._new_optimizer(branch.net)
+        if branch.optimizer_state is not None:
+            optimizer.load_state_dict(branch.optimizer_state)
+        n = len(splits.y_train)
+        for _ in range(batches):
+            idx = torch.randint(0, n, (batch_size,), generator=generator)
+            x, y = splits.x_train[idx].to(self.device), splits.y_train[idx].to(self.device)
+            loss = F.cross_entropy(branch.net(x), y)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            optimizer.step()
+        branch.optimizer_state = optimizer.state_dict()
+        return self.evaluate(branch.net)
+
+    def _collect_optimizer_states(self) -> None:
+        """Give each branch its slice of the trainer's optimiser state."""
+        if not self.trainer.optimizers:
+            return
+        sizes = [len(list(net.parameters())) for net in self.population]
+        parts = split_state(self.trainer.optimizers[0].state_dict(), sizes)
+        for branch, part in zip(self.branches, parts, strict=True):
+            branch.optimizer_state = part
+
+    def operate(self, epoch: int) -> bool:
+        """Surgery at a generation boundary (``epoch`` epochs done). True if it changed the
+        population (the loop then rebuilds DDP and the optimiser)."""
+        if self.next_boundary is None or epoch != self.next_boundary:
+            return False
+        if self.trainer.is_global_zero:
+            self._collect_optimizer_states()
+            for branch in self.branches:
+                branch.metric = self.evaluate(branch.net)
+            self._advance_generation(epoch)
+        payload = self.surgery_state()
+        if self.trainer.world_size > 1:
+            payload = self.trainer.strategy.broadcast(payload, src=0)
+        self.load_surgery_state(payload)
+        return True
+
+    def _advance_generation(self, epoch: int) -> None:
+        gen = self.open_generation
+        if gen is not None:
+            if not self.surgeon.conclude(gen, [b.metric for b in gen.to_train]):
+                self.extra_epochs += gen.epochs  # a retry: another cycle for new branches
+                self.next_boundary = epoch + gen.epochs
+                self.branches = gen.to_train
+                return
+            branches = gen.survivors
+            self.open_generation = None
+            self.done_generations += 1
+        else:  # the first boundary: the root's initial training is over
+            branches = self.branches
+            for branch in branches:
+                self.surgeon.record_training(branch, epoch, branch.metric)
+        if self.done_generations < self.settings.generations:
+            gen = self.surgeon.begin(branches, self.done_generations + 1)
+            self.open_generation = gen
+            self.branches = gen.to_train
+            self.next_boundary = epoch + gen.epochs
+        else:
+            self.branches = [self.surgeon.winner(branches)]
+            self.next_boundary = None
+
+    @property
+    def planned_epochs(self) -> int:
+        """The run's length: the schedule plus the cycles that retries added."""
+        return self.settings.max_epochs + self.extra_epochs
+
+    # ------------------------------------------------------------------ state
+
+    def surgery_state(self) -> dict[str, Any]:
+        """All surgery state as plain CPU data (checkpoints and broadcasts)."""
+        return _cpu(
+            {
+                "version": CHECKPOINT_VERSION,
+                "surgeon": self.surgeon.state_dict(),
+                "generation": None
+                if self.open_generation is None
+                else generation_state(self.open_generation),
+                "population": [branch_state(b) for b in self.branches],
+                "next_boundary": self.next_boundary,
+                "extra_epochs": self.extra_epochs,
+                "done_generations": self.done_generations,
+                "epoch_log": self.epoch_log,
+                "input_size": self.input_size,
+                "num_classes": self.num_classes,
+            }
+        )
+
+    def load_surgery_state(self, state: dict[str, Any]) -> None:
+        version = state.get("version") if isinstance(state, dict) else None
+        if version != CHECKPOINT_VERSION:
+            raise CheckpointError(
+                f"surgery state version {version!r} is not supported (this lit_surgery reads "
+                f"version {CHECKPOINT_VERSION})"
+            )
+        self.surgeon.load_state_dict(state["surgeon"])
+        population = [branch_from_state(b) for b in state["population"]]
+        if state["generation"] is not None:
+            gen = generation_from_state(state["generation"], {b.id: b.net for b in population})
+            self.open_generation = gen
+            by_id = {b.id: b for b in gen.to_train}
+            population = [by_id.get(b.id, b) for b in population]
+        else:
+            self.open_generation = None
+        self.next_boundary = state["next_boundary"]
+        self.extra_epochs = state["extra_epochs"]
+        self.done_generations = state["done_generations"]
+        self.epoch_log = list(state["epoch_log"])
+        self.input_size, self.num_classes = state["input_size"], state["num_classes"]
+        if self.num_classes is not None:
+            self.train_acc = MulticlassAccuracy(self.num_classes).to(self.device)
+        self._install(population)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        checkpoint["surgery"] = self.surgery_state()
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        if "surgery" not in checkpoint:
+            raise CheckpointError(
+                "this checkpoint has no 'surgery' entry: it was not written by lit_surgery"
+            )
+        self.load_surgery_state(checkpoint["surgery"])
+
+    # ------------------------------------------------------------------ optimiser rebuild
+
+    def carried_optimizer_state(self, hyper: dict[str, Any]) -> dict[str, Any]:
+        sizes = [len(list(net.parameters())) for net in self.population]
+        return join_state([b.optimizer_state for b in self.branches], sizes, hyper)
