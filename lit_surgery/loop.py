@@ -36,9 +36,22 @@ class SurgeryFitLoop(_FitLoop):
             raise TypeError(f"SurgeryFitLoop needs a SurgeryModule, got {type(module).__name__}")
         return module
 
+    @property
+    def done(self) -> bool:
+        # The schedule (plus retries) sets the length; the run is not over while the last
+        # generation still has to be concluded (e.g. resumed from the final epoch).
+        module = self.trainer.lightning_module
+        if isinstance(module, SurgeryModule):
+            self.max_epochs = module.planned_epochs
+            completed = self.epoch_progress.current.completed
+            if module.next_boundary == completed and completed >= self.max_epochs:
+                return False
+        return super().done
+
     def on_run_start(self) -> None:
-        self.max_epochs = self.module.planned_epochs
         super().on_run_start()
+        if self.epoch_progress.current.completed >= self.max_epochs:
+            self._finish()  # resumed after the last epoch, before the final conclusion
 
     def on_advance_start(self) -> None:
         self._operate()
@@ -47,13 +60,22 @@ class SurgeryFitLoop(_FitLoop):
     def on_advance_end(self) -> None:
         super().on_advance_end()
         if self.epoch_progress.current.completed >= self.max_epochs:
-            self._operate()  # the last generation ends with the run
+            self._finish()
 
-    def _operate(self) -> None:
+    def _finish(self) -> None:
+        """The last generation ends with the run; ``last.ckpt`` then holds the winner."""
+        if self._operate() and self.module.next_boundary is None:
+            for callback in self.trainer.checkpoint_callbacks:
+                if getattr(callback, "last_model_path", ""):  # collective: every rank calls
+                    self.trainer.save_checkpoint(callback.last_model_path)
+
+    def _operate(self) -> bool:
         module = self.module
-        if module.operate(self.epoch_progress.current.completed):
-            self.max_epochs = module.planned_epochs
-            self._rebuild()
+        if not module.operate(self.epoch_progress.current.completed):
+            return False
+        self.max_epochs = module.planned_epochs
+        self._rebuild()
+        return True
 
     def _rebuild(self) -> None:
         trainer, module = self.trainer, self.module

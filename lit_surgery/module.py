@@ -35,6 +35,7 @@ from lit_surgery.policy import (
 from lit_surgery.topology import Topology
 
 CHECKPOINT_VERSION = 1
+DEFAULT_SETTINGS = SurgerySettings()
 
 
 class CheckpointError(ValueError):
@@ -72,7 +73,7 @@ class SurgeryModule(pl.LightningModule):
         self,
         hidden: Sequence[int] = (10, 10, 10),
         activation: str = "relu",
-        surgery: SurgerySettings | None = None,
+        surgery: SurgerySettings = DEFAULT_SETTINGS,
         optimizer: OptimizerCallable | None = None,
         lr_scheduler: LRSchedulerCallable | None = None,
         input_size: int | None = None,
@@ -80,9 +81,9 @@ class SurgeryModule(pl.LightningModule):
         seed: int = 0,
     ) -> None:
         super().__init__()
-        if isinstance(surgery, dict):
+        if isinstance(surgery, dict):  # from a checkpoint's hyperparameters
             surgery = SurgerySettings(**surgery)
-        self.settings = surgery or SurgerySettings()
+        self.settings = surgery.replace()  # a private copy
         self.save_hyperparameters(ignore=["optimizer", "lr_scheduler", "surgery"])
         self.hparams["surgery"] = self.settings.to_dict()
         self.start_hidden = [int(w) for w in hidden]
@@ -100,6 +101,7 @@ class SurgeryModule(pl.LightningModule):
         self.extra_epochs = 0
         self.done_generations = 0
         self.epoch_log: list[dict[str, Any]] = []
+        self.events: list[dict[str, Any]] = []
         self.train_acc = MulticlassAccuracy(num_classes or 2)
         if input_size is not None and num_classes is not None:
             self._build_root()
@@ -266,6 +268,7 @@ class SurgeryModule(pl.LightningModule):
                 self.extra_epochs += gen.epochs  # a retry: another cycle for new branches
                 self.next_boundary = epoch + gen.epochs
                 self.branches = gen.to_train
+                self._event(epoch, gen.number, "retry")
                 return
             branches = gen.survivors
             self.open_generation = None
@@ -279,9 +282,31 @@ class SurgeryModule(pl.LightningModule):
             self.open_generation = gen
             self.branches = gen.to_train
             self.next_boundary = epoch + gen.epochs
+            self._event(epoch, gen.number, "generation")
         else:
             self.branches = [self.surgeon.winner(branches)]
             self.next_boundary = None
+            self._event(epoch, self.done_generations, "end")
+
+    def _event(self, epoch: int, generation: int, kind: str) -> None:
+        """A surgery point, for logs and plots: what the population became."""
+        self.events.append(
+            {
+                "epoch": epoch,
+                "generation": generation,
+                "kind": kind,
+                "population": [
+                    {
+                        "branch": b.id,
+                        "change": b.change.describe(),
+                        "topology": b.net.topology.describe(),
+                        "widths": b.net.topology.widths,
+                        "num_params": b.net.topology.num_params,
+                    }
+                    for b in self.branches
+                ],
+            }
+        )
 
     @property
     def planned_epochs(self) -> int:
@@ -304,6 +329,7 @@ class SurgeryModule(pl.LightningModule):
                 "extra_epochs": self.extra_epochs,
                 "done_generations": self.done_generations,
                 "epoch_log": self.epoch_log,
+                "events": self.events,
                 "input_size": self.input_size,
                 "num_classes": self.num_classes,
             }
@@ -329,6 +355,7 @@ class SurgeryModule(pl.LightningModule):
         self.extra_epochs = state["extra_epochs"]
         self.done_generations = state["done_generations"]
         self.epoch_log = list(state["epoch_log"])
+        self.events = list(state["events"])
         self.input_size, self.num_classes = state["input_size"], state["num_classes"]
         if self.num_classes is not None:
             self.train_acc = MulticlassAccuracy(self.num_classes).to(self.device)
