@@ -17,7 +17,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 train: setup
-	$(PY) train.py --hidden 4
+	$(PY) train.py fit --config configs/digits.yaml
 
 test: setup
 	$(VENV)/bin/ruff check .

@@ -1,7 +1,9 @@
-"""Main job: until the Lightning entry point lands, neural network surgery on digits in a
-plain PyTorch loop. ``python train.py --help`` lists the options."""
+"""Train with surgery: ``python train.py fit --config configs/digits.yaml``.
 
-from lit_surgery.plain import main
+LightningCLI: also ``validate``, ``test``, ``predict`` and ``--print_config``.
+"""
+
+from lit_surgery.lightning_cli import main
 
 if __name__ == "__main__":
     main()

@@ -102,7 +102,8 @@ class SurgeryModule(pl.LightningModule):
         self.done_generations = 0
         self.epoch_log: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
-        self.train_acc = MulticlassAccuracy(num_classes or 2)
+        self._train_stats: Tensor | None = None
+        self.val_acc = self.test_acc = None
         if input_size is not None and num_classes is not None:
             self._build_root()
 
@@ -112,7 +113,6 @@ class SurgeryModule(pl.LightningModule):
         torch.manual_seed(self.seed)
         topo = Topology.mlp(self.input_size, self.start_hidden, self.num_classes, self.activation)
         root = self.surgeon.new_root(build(topo))
-        self.train_acc = MulticlassAccuracy(self.num_classes)
         self._install([root])
 
     def setup(self, stage: str) -> None:
@@ -122,7 +122,14 @@ class SurgeryModule(pl.LightningModule):
             self.num_classes = self.num_classes or dm.num_classes
             self._build_root()
 
+    def _make_metrics(self) -> None:
+        """Accuracy metrics once the number of classes is known."""
+        if self.num_classes is not None and self.val_acc is None:
+            self.val_acc = MulticlassAccuracy(self.num_classes).to(self.device)
+            self.test_acc = MulticlassAccuracy(self.num_classes).to(self.device)
+
     def _install(self, branches: list[Branch]) -> None:
+        self._make_metrics()
         self.branches = list(branches)
         device = self.device
         self.population = nn.ModuleList(b.net.to(device) for b in branches)
@@ -145,12 +152,21 @@ class SurgeryModule(pl.LightningModule):
         x, y = batch
         logits = [net(x) for net in self.population]
         losses = [F.cross_entropy(out, y) for out in logits]
-        self.train_acc(logits[0], y)
-        self.log("train/loss", losses[0], prog_bar=True, on_step=False, on_epoch=True)
-        self.log(
-            "train/acc", self.train_acc, on_step=False, on_epoch=True, metric_attribute="train_acc"
-        )
+        # Summed on the device and logged once per epoch: a per-step ``self.log`` costs more
+        # than a whole step of a small network.
+        with torch.no_grad():
+            stats = torch.stack(
+                [
+                    losses[0] * len(y),
+                    (logits[0].argmax(1) == y).sum(),
+                    torch.tensor(len(y), device=y.device),
+                ]
+            )
+            self._train_stats = stats if self._train_stats is None else self._train_stats + stats
         return torch.stack(losses).sum()
+
+    def on_train_epoch_start(self) -> None:
+        self._train_stats = None
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -165,11 +181,18 @@ class SurgeryModule(pl.LightningModule):
     def _eval_step(self, batch: tuple[Tensor, Tensor], stage: str) -> None:
         x, y = batch
         logits = self.net(x)
+        metric = self.val_acc if stage == "val" else self.test_acc
+        metric(logits, y)
         self.log(f"{stage}/loss", F.cross_entropy(logits, y), sync_dist=True)
-        correct = (logits.argmax(1) == y).float().mean()
-        self.log(f"{stage}/acc", correct, prog_bar=True, sync_dist=True)
+        self.log(f"{stage}/acc", metric, prog_bar=stage == "val")
 
     def on_train_epoch_end(self) -> None:
+        if self._train_stats is not None:
+            loss_sum, correct, count = self.trainer.strategy.reduce(
+                self._train_stats, reduce_op="sum"
+            )
+            self.log("train/loss", loss_sum / count, prog_bar=True)
+            self.log("train/acc", correct / count)
         topo = self.topology
         self.log("model/num_params", float(topo.num_params))
         self.log("model/depth", float(topo.depth))
@@ -357,8 +380,6 @@ class SurgeryModule(pl.LightningModule):
         self.epoch_log = list(state["epoch_log"])
         self.events = list(state["events"])
         self.input_size, self.num_classes = state["input_size"], state["num_classes"]
-        if self.num_classes is not None:
-            self.train_acc = MulticlassAccuracy(self.num_classes).to(self.device)
         self._install(population)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -1,0 +1,104 @@
+"""Training-phase throughput of the Lightning module against a plain PyTorch loop.
+
+Same network, same data tensors, same batch size, SGD; no surgery, validation, logging or
+progress bar in either (those are not the training phase). Prints steps per second for
+each and their ratio (target >= 0.95). Usage:
+
+    python benchmarks/throughput.py [--dataset fashion_mnist] [--hidden 10 10 10]
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from functools import partial
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from lightning.pytorch.callbacks import Callback
+
+from lit_surgery.data import SurgeryDataModule
+from lit_surgery.loop import attach
+from lit_surgery.module import SurgeryModule
+from lit_surgery.network import build
+from lit_surgery.policy import SurgerySettings
+from lit_surgery.topology import Topology
+
+
+class EpochTimer(Callback):
+    def __init__(self) -> None:
+        self.times: list[float] = []
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._start = time.perf_counter()
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.times.append(time.perf_counter() - self._start)
+
+
+def plain(dm: SurgeryDataModule, hidden: list[int], epochs: int, lr: float) -> list[float]:
+    s = dm.splits
+    torch.manual_seed(0)
+    net = build(Topology.mlp(dm_input(dm), hidden, dm.num_classes))
+    opt = torch.optim.SGD(net.parameters(), lr=lr)
+    x, y, bs = s.x_train, s.y_train, dm.batch_size
+    g = torch.Generator().manual_seed(0)
+    times = []
+    for _ in range(epochs):
+        start = time.perf_counter()
+        perm = torch.randperm(len(y), generator=g)
+        for i in range(0, len(y) - bs + 1, bs):
+            idx = perm[i : i + bs]
+            loss = F.cross_entropy(net(x[idx]), y[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def dm_input(dm: SurgeryDataModule) -> int:
+    return int(torch.tensor(dm.input_shape).prod())
+
+
+def lightning(dm: SurgeryDataModule, hidden: list[int], epochs: int, lr: float) -> list[float]:
+    settings = SurgerySettings(max_epochs=epochs, initial_epochs=epochs, epoch_step=1)
+    sgd = partial(torch.optim.SGD, lr=lr)
+    model = SurgeryModule(hidden=hidden, surgery=settings, optimizer=sgd)
+    timer = EpochTimer()
+    trainer = pl.Trainer(
+        max_epochs=epochs, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, limit_val_batches=0, num_sanity_val_steps=0,
+        callbacks=[timer],
+    )
+    attach(trainer).fit(model, dm)
+    return timer.times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", default="fashion_mnist")
+    parser.add_argument("--hidden", type=int, nargs="+", default=[10, 10, 10])
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+    dm = SurgeryDataModule(args.dataset, batch_size=args.batch_size, use_test_as_val=True)
+    dm.setup("fit")
+    steps = len(dm.splits.y_train) // args.batch_size
+    p = plain(dm, args.hidden, args.epochs, 0.005)
+    lt = lightning(dm, args.hidden, args.epochs, 0.005)
+    # the first epoch warms up; the best of the rest is the steady state
+    p_rate, l_rate = steps / min(p[1:]), steps / min(lt[1:])
+    print(f"dataset={args.dataset} hidden={args.hidden} batch={args.batch_size} "
+          f"steps/epoch={steps} threads={args.threads} device=cpu")
+    for name, rate, times in (("plain PyTorch loop", p_rate, p), ("Lightning module", l_rate, lt)):
+        epochs = ", ".join(f"{t:.2f}s" for t in times)
+        print(f"{name + ':':<20}{rate:8.0f} steps/s  (epochs: {epochs})")
+    print(f"ratio Lightning / plain: {l_rate / p_rate:.3f}")
+
+
+if __name__ == "__main__":
+    main()

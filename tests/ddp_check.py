@@ -1,0 +1,73 @@
+"""Run by tests/test_ddp.py: a 2-process CPU (gloo) DDP fit with surgery that records, on
+every rank, a hash of all parameters and of the optimiser state after each surgery, after
+each epoch's training and at the end; rank 0 writes all ranks' hashes to argv[1]."""
+
+import hashlib
+import json
+import sys
+from functools import partial
+
+import lightning.pytorch as pl
+import torch
+import torch.distributed as dist
+from lightning.pytorch.callbacks import Callback
+
+from lit_surgery.data import SurgeryDataModule
+from lit_surgery.loop import attach
+from lit_surgery.module import SurgeryModule
+from lit_surgery.policy import SurgerySettings
+
+
+def _digest(tensors) -> str:
+    h = hashlib.sha256()
+    for t in tensors:
+        h.update(t.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()
+
+
+class HashCheck(Callback):
+    def __init__(self) -> None:
+        self.records: list[dict] = []
+
+    def _check(self, trainer, module, label: str) -> None:
+        params = _digest(module.population.parameters())
+        state = trainer.optimizers[0].state_dict()["state"] if trainer.optimizers else {}
+        opt = _digest(v for k in sorted(state) for v in state[k].values()
+                      if isinstance(v, torch.Tensor))
+        mine = {"params": params, "optimizer": opt, "topologies":
+                [net.topology.describe() for net in module.population]}
+        gathered = [None] * trainer.world_size
+        dist.all_gather_object(gathered, mine)
+        self.records.append({"label": label, "epoch": trainer.current_epoch,
+                             "surgeries": len(module.events), "ranks": gathered})
+
+    def on_train_epoch_start(self, trainer, module) -> None:
+        self._check(trainer, module, "epoch start (after any surgery)")
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self._check(trainer, module, "epoch end (after training)")
+
+    def on_fit_end(self, trainer, module) -> None:
+        self._check(trainer, module, "end")
+        if trainer.is_global_zero:
+            with open(sys.argv[1], "w") as f:
+                json.dump({"records": self.records, "events": module.events}, f)
+
+
+def main() -> None:
+    torch.set_num_threads(1)
+    pl.seed_everything(0)
+    settings = SurgerySettings(max_epochs=8, initial_epochs=2, epoch_step=2)
+    model = SurgeryModule(hidden=[6], surgery=settings,
+                          optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    trainer = pl.Trainer(
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=8, logger=False,
+        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+        callbacks=[HashCheck()], default_root_dir=sys.argv[2],
+    )
+    attach(trainer)
+    trainer.fit(model, SurgeryDataModule("digits"))
+
+
+if __name__ == "__main__":
+    main()

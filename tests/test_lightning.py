@@ -1,0 +1,126 @@
+"""The Lightning module and loop: surgery inside one fit, checkpoints, resume, export."""
+
+import subprocess
+import sys
+from functools import partial
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+
+from lit_surgery.data import SurgeryDataModule
+from lit_surgery.lightning_cli import export
+from lit_surgery.loop import SurgeryFitLoop, attach
+from lit_surgery.module import CheckpointError, SurgeryModule
+from lit_surgery.policy import SurgerySettings
+
+SCHEDULE = dict(max_epochs=12, initial_epochs=3, epoch_step=3)
+
+
+def _model(**kw):
+    settings = SurgerySettings(**{**SCHEDULE, **kw.pop("surgery", {})})
+    return SurgeryModule(hidden=kw.pop("hidden", [4]), surgery=settings,
+                         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9), **kw)
+
+
+def _trainer(tmp_path, callbacks=(), **kw):
+    trainer = pl.Trainer(
+        max_epochs=SCHEDULE["max_epochs"], default_root_dir=tmp_path, logger=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
+        enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kw,
+    )
+    return attach(trainer)
+
+
+def test_fit_runs_generations_inside_one_fit(tmp_path):
+    model, trainer = _model(), None
+    trainer = _trainer(tmp_path)
+    assert isinstance(trainer.fit_loop, SurgeryFitLoop)
+    trainer.fit(model, SurgeryDataModule("digits"))
+    assert trainer.current_epoch == 12
+    assert model.done_generations == 3 and model.next_boundary is None
+    kinds = [(e["epoch"], e["kind"]) for e in model.events]
+    assert kinds[0] == (3, "generation") and kinds[-1][1] == "end"
+    history = model.surgeon.history
+    assert {r.generation for r in history.candidates} == {1, 2, 3}
+    winner = history.genealogy[model.branches[0].id]
+    assert winner["epochs"] == 12 + model.extra_epochs - model.extra_epochs  # lineage = schedule
+    assert len(model.population) == 1 and model.branches[0].metric > 0.8
+    assert [e["epoch"] for e in model.epoch_log] == list(range(trainer.current_epoch))
+    # after a generation the population holds the survivors (parallel branches)
+    assert max(e["branches"] for e in model.epoch_log) == 2
+
+
+class StopAt(Callback):
+    def __init__(self, epochs: int) -> None:
+        self.epochs = epochs
+
+    def on_train_epoch_end(self, trainer, pl_module) -> None:
+        if trainer.current_epoch + 1 == self.epochs:
+            trainer.should_stop = True
+
+
+def _params(model):
+    return [p.detach().clone() for p in model.population.parameters()]
+
+
+@pytest.mark.parametrize("stop", [6, 7])  # on a generation boundary, and mid-cycle
+def test_resume_equals_uninterrupted_run(tmp_path, stop):
+    pl.seed_everything(0)
+    full = _model()
+    _trainer(tmp_path / "full").fit(full, SurgeryDataModule("digits"))
+
+    pl.seed_everything(0)
+    first = _model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path / "a", [ckpt, StopAt(stop)]).fit(first, SurgeryDataModule("digits"))
+    assert first.current_epoch == stop
+    resumed = _model()
+    _trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "ckpt2")]).fit(
+        resumed, SurgeryDataModule("digits"), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+    assert resumed.topology == full.topology
+    assert resumed.events == full.events
+    assert resumed.surgeon.history.to_dict() == full.surgeon.history.to_dict()
+    for a, b in zip(_params(resumed), _params(full), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_checkpoint_after_surgery_loads_weights_only_and_from_checkpoint(tmp_path):
+    model = _model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    _trainer(tmp_path, [ckpt]).fit(model, SurgeryDataModule("digits"))
+    raw = torch.load(tmp_path / "last.ckpt", weights_only=True)
+    assert raw["surgery"]["population"][0]["topology"] == model.topology.to_dict()
+    loaded = SurgeryModule.load_from_checkpoint(tmp_path / "last.ckpt", weights_only=True)
+    assert loaded.topology == model.topology
+    x = torch.randn(5, 64)
+    assert torch.equal(loaded(x), model.cpu()(x))
+
+
+def test_checkpoint_not_ours_or_wrong_version_is_a_clear_error(tmp_path):
+    model = _model()
+    with pytest.raises(CheckpointError, match="not written by lit_surgery"):
+        model.on_load_checkpoint({"state_dict": {}})
+    state = model.surgery_state()
+    state["version"] = 99
+    with pytest.raises(CheckpointError, match="version 99"):
+        model.on_load_checkpoint({"surgery": state})
+
+
+def test_exported_model_loads_without_lit_surgery(tmp_path):
+    model = _model(input_size=64, num_classes=10)
+    path = export(model, tmp_path)
+    x = torch.randn(3, 64)
+    torch.save(x, tmp_path / "x.pt")
+    expected = model(x)
+    code = (
+        "import sys, torch\n"
+        "sys.modules['lit_surgery'] = None  # importing it would fail\n"
+        f"net = torch.load({str(path)!r}, weights_only=False)\n"
+        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
+        f"torch.save(net(x), {str(tmp_path / 'y.pt')!r})\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
+    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
