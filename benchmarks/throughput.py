@@ -83,9 +83,11 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--steps-per-batch", type=int, default=1)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    dm = SurgeryDataModule(args.dataset, batch_size=args.batch_size, use_test_as_val=True)
+    dm = SurgeryDataModule(args.dataset, batch_size=args.batch_size, use_test_as_val=True,
+                           steps_per_batch=args.steps_per_batch)
     dm.setup("fit")
     steps = len(dm.splits.y_train) // args.batch_size
     p = plain(dm, args.hidden, args.epochs, 0.005)

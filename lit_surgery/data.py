@@ -644,6 +644,11 @@ class SurgeryDataModule(pl.LightningDataModule):
 
     ``npz`` files bring their own val split, so ``val_fraction`` is unused and
     ``use_test_as_val`` is refused for them.
+
+    ``steps_per_batch`` hands the trainer ``steps_per_batch`` consecutive mini-batches at a
+    time; :class:`~lit_surgery.module.SurgeryModule` takes one optimiser step per
+    ``batch_size`` samples of it, so training is the same as with 1, but Lightning's fixed
+    per-batch overhead is paid once per chunk (it dominates small networks' steps).
     """
 
     def __init__(
@@ -657,6 +662,7 @@ class SurgeryDataModule(pl.LightningDataModule):
         seed: int = 0,
         download: bool = True,
         eval_batch_size: int = 1024,
+        steps_per_batch: int = 1,
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
@@ -665,7 +671,12 @@ class SurgeryDataModule(pl.LightningDataModule):
             raise ValueError(
                 f"npz_path goes with dataset 'npz' only; got {dataset!r}, {npz_path!r}"
             )
-        for name, size in (("batch_size", batch_size), ("eval_batch_size", eval_batch_size)):
+        sizes = (
+            ("batch_size", batch_size),
+            ("eval_batch_size", eval_batch_size),
+            ("steps_per_batch", steps_per_batch),
+        )
+        for name, size in sizes:
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
                 raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
         if not 0 < val_fraction < 1:
@@ -675,6 +686,7 @@ class SurgeryDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.dataset, self.data_dir, self.npz_path = dataset, data_dir, npz_path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
+        self.steps_per_batch = steps_per_batch
         self.val_fraction, self.use_test_as_val = val_fraction, use_test_as_val
         self.seed, self.download = seed, download
         self.splits: TensorSplits | None = None
@@ -728,7 +740,7 @@ class SurgeryDataModule(pl.LightningDataModule):
         return TensorBatches(
             s.x_train,
             s.y_train,
-            self.batch_size,
+            self.batch_size * self.steps_per_batch,  # the module steps once per batch_size
             shuffle=True,
             seed=self.seed,
             rank=rank,

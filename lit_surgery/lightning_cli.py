@@ -84,13 +84,14 @@ class SurgeryCLI(LightningCLI):
 
     def after_fit(self) -> None:
         trainer, module = self.trainer, self.model
-        if not trainer.is_global_zero and trainer.world_size > 1:
-            return
         datamodule = self.datamodule
         results = {}
         if datamodule.splits is not None and datamodule.splits.x_test is not None:
+            # every rank: testing under DDP is collective
             results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
         directory = self.config[self.subcommand].get("export_dir") or run_dir(trainer)
+        if not trainer.is_global_zero:
+            return
         path = export(module, directory)
         topo = module.topology
         print(f"final topology: {topo.describe()} widths={topo.widths} params={topo.num_params}")

@@ -116,6 +116,13 @@ class SurgeryModule(pl.LightningModule):
         self._install([root])
 
     def setup(self, stage: str) -> None:
+        chunk = getattr(self.trainer.datamodule, "steps_per_batch", 1)
+        if chunk > 1 and self.trainer.world_size > 1:
+            raise ValueError(
+                f"data.steps_per_batch={chunk} needs a single process; with "
+                f"{self.trainer.world_size} processes (DDP) use steps_per_batch=1"
+            )
+        self.automatic_optimization = chunk == 1
         if len(self.population) == 0:
             dm = self.trainer.datamodule
             self.input_size = self.input_size or int(torch.tensor(dm.input_shape).prod())
@@ -148,8 +155,22 @@ class SurgeryModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ training
 
-    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor:
+    def training_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> Tensor | None:
         x, y = batch
+        if self.automatic_optimization:
+            return self._loss(x, y)
+        # A chunk of consecutive mini-batches (datamodule ``steps_per_batch``): one step each.
+        optimizer = self.optimizers()
+        size = self.trainer.datamodule.batch_size
+        for xb, yb in zip(x.split(size), y.split(size), strict=True):
+            loss = self._loss(xb, yb)
+            optimizer.zero_grad(set_to_none=True)
+            self.manual_backward(loss)
+            optimizer.step()
+            self._step_schedulers("step")
+        return None
+
+    def _loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = [net(x) for net in self.population]
         losses = [F.cross_entropy(out, y) for out in logits]
         # Summed on the device and logged once per epoch: a per-step ``self.log`` costs more
@@ -164,6 +185,18 @@ class SurgeryModule(pl.LightningModule):
             )
             self._train_stats = stats if self._train_stats is None else self._train_stats + stats
         return torch.stack(losses).sum()
+
+    def _step_schedulers(self, interval: str) -> None:
+        """Manual optimisation steps the schedulers itself (Lightning does in automatic)."""
+        for config in self.trainer.lr_scheduler_configs:
+            if config.interval != interval:
+                continue
+            if config.reduce_on_plateau:
+                metric = self.trainer.callback_metrics.get(config.monitor)
+                if metric is not None:
+                    config.scheduler.step(metric)
+            else:
+                config.scheduler.step()
 
     def on_train_epoch_start(self) -> None:
         self._train_stats = None
@@ -187,6 +220,8 @@ class SurgeryModule(pl.LightningModule):
         self.log(f"{stage}/acc", metric, prog_bar=stage == "val")
 
     def on_train_epoch_end(self) -> None:
+        if not self.automatic_optimization:
+            self._step_schedulers("epoch")
         if self._train_stats is not None:
             loss_sum, correct, count = self.trainer.strategy.reduce(
                 self._train_stats, reduce_op="sum"

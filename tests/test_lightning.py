@@ -124,3 +124,30 @@ def test_exported_model_loads_without_lit_surgery(tmp_path):
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
     assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
+
+
+def test_chunked_steps_train_exactly_like_single_batches(tmp_path):
+    """data.steps_per_batch only changes how batches reach Lightning, not the training."""
+    results = []
+    for chunk in (1, 4):
+        pl.seed_everything(0)
+        model = _model(surgery=dict(max_epochs=6, initial_epochs=2, epoch_step=2))
+        dm = SurgeryDataModule("digits", steps_per_batch=chunk)
+        _trainer(tmp_path / str(chunk)).fit(model, dm)
+        assert model.automatic_optimization == (chunk == 1)
+        results.append(model)
+    a, b = results
+    assert a.topology == b.topology and a.events == b.events
+    for p, q in zip(_params(a), _params(b), strict=True):
+        assert torch.allclose(p, q, atol=1e-6)
+    assert a.trainer.global_step == b.trainer.global_step  # optimiser steps, not chunks
+
+
+def test_chunked_steps_refuse_ddp(monkeypatch):
+    model = _model()
+    trainer = pl.Trainer(logger=False)
+    trainer.datamodule = SurgeryDataModule(steps_per_batch=4)
+    model.trainer = trainer
+    monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
+    with pytest.raises(ValueError, match="steps_per_batch=4 needs a single process"):
+        model.setup("fit")
