@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # configs/fashion_mnist_quick.yaml from [10,10,10] and [4,4,4]: surgery (default and paper
 # mode) next to the start topology trained plainly for the same 30 epochs (no generation:
-# initial_epochs = max_epochs). Two runs at a time, one thread each. Logs in $OUT.
+# initial_epochs = max_epochs). One run at a time, one thread, so wall times compare.
+# Logs and run folders in $OUT.
 set -u
 OUT=${OUT:-benchmarks/out/fashion_quick}
 mkdir -p "$OUT"
@@ -16,8 +17,7 @@ run() {  # name config hidden [extra args]
 }
 for hidden in "[10,10,10]" "[4,4,4]"; do
   tag=$(echo "$hidden" | tr -d '[]' | tr ',' '-')
-  run "surgery-default-$tag" configs/fashion_mnist_quick.yaml "$hidden" &
-  run "surgery-paper-$tag" configs/fashion_mnist_quick_paper.yaml "$hidden" &
-  wait
+  run "surgery-default-$tag" configs/fashion_mnist_quick.yaml "$hidden"
+  run "surgery-paper-$tag" configs/fashion_mnist_quick_paper.yaml "$hidden"
   run "plain-$tag" configs/fashion_mnist_quick.yaml "$hidden" --model.surgery.initial_epochs=30
 done

@@ -127,3 +127,21 @@ def test_resume_from_a_foreign_checkpoint_is_refused(tmp_path, monkeypatch):
         _fit(tmp_path, f"--ckpt_path={foreign}")
     assert not list(tmp_path.rglob("model.pt"))
 
+
+
+def test_cli_defaults_wandb_offline_checkpoint_lr_monitor_rich_bar_report():
+    from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
+    from lightning.pytorch.loggers import WandbLogger
+
+    from lit_surgery.lightning_cli import SurgeryCLI
+    from lit_surgery.loop import SurgeryFitLoop
+    from lit_surgery.reporting import SurgeryReport
+
+    cli = SurgeryCLI(args=["--config", str(ROOT / "configs/digits.yaml")], run=False)
+    kinds = {type(c) for c in cli.trainer.callbacks}
+    assert {ModelCheckpoint, LearningRateMonitor, RichProgressBar, SurgeryReport} <= kinds
+    assert isinstance(cli.trainer.logger, WandbLogger)
+    assert cli.trainer.logger._offline
+    assert cli.trainer.max_epochs == 40  # linked to model.surgery.max_epochs
+    cli.before_fit()
+    assert isinstance(cli.trainer.fit_loop, SurgeryFitLoop)

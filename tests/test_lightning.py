@@ -25,8 +25,9 @@ def _model(**kw):
 
 
 def _trainer(tmp_path, callbacks=(), **kw):
+    kw.setdefault("max_epochs", SCHEDULE["max_epochs"])
     trainer = pl.Trainer(
-        max_epochs=SCHEDULE["max_epochs"], default_root_dir=tmp_path, logger=False,
+        default_root_dir=tmp_path, logger=False,
         enable_progress_bar=False, enable_model_summary=False, callbacks=list(callbacks),
         enable_checkpointing=any(isinstance(c, ModelCheckpoint) for c in callbacks), **kw,
     )
@@ -151,3 +152,13 @@ def test_chunked_steps_refuse_ddp(monkeypatch):
     monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
     with pytest.raises(ValueError, match="steps_per_batch=4 needs a single process"):
         model.setup("fit")
+
+
+def test_early_stopping_on_the_validation_metric_works_with_surgery(tmp_path):
+    from lightning.pytorch.callbacks import EarlyStopping
+
+    model = _model(surgery=dict(max_epochs=40, initial_epochs=2, epoch_step=2))
+    stop = EarlyStopping(monitor="val/acc", mode="max", patience=1, min_delta=0.5)
+    trainer = _trainer(tmp_path, [stop], max_epochs=40)
+    trainer.fit(model, SurgeryDataModule("digits"))
+    assert stop.stopped_epoch > 0 and trainer.current_epoch < 40
