@@ -726,7 +726,8 @@ class SurgeryDataModule(pl.LightningDataModule):
     def num_classes(self) -> int:
         return self._loaded().num_classes
 
-    def _device_splits(self) -> TensorSplits:
+    def device_splits(self) -> TensorSplits:
+        """The splits on the trainer's device (moved once, then reused)."""
         splits = self._loaded()
         trainer = self.trainer
         device = trainer.strategy.root_device if trainer is not None else torch.device("cpu")
@@ -735,7 +736,7 @@ class SurgeryDataModule(pl.LightningDataModule):
         return self._on_device
 
     def train_dataloader(self) -> TensorBatches:
-        s, trainer = self._device_splits(), self.trainer
+        s, trainer = self.device_splits(), self.trainer
         rank, world = (trainer.global_rank, trainer.world_size) if trainer is not None else (0, 1)
         return TensorBatches(
             s.x_train,
@@ -748,11 +749,11 @@ class SurgeryDataModule(pl.LightningDataModule):
         )
 
     def val_dataloader(self) -> TensorBatches:
-        s = self._device_splits()
+        s = self.device_splits()
         return TensorBatches(s.x_val, s.y_val, self.eval_batch_size)
 
     def _test(self) -> TensorSplits:
-        s = self._device_splits()
+        s = self.device_splits()
         if s.x_test is None:
             raise ValueError(f"dataset {self.dataset!r} has no test split (npz without x_test)")
         return s

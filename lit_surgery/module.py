@@ -20,6 +20,7 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
+from lit_surgery.data import random_batches
 from lit_surgery.network import SurgeryNet, build
 from lit_surgery.optim_state import join_state, split_state
 from lit_surgery.policy import (
@@ -258,7 +259,7 @@ class SurgeryModule(pl.LightningModule):
     # ------------------------------------------------------------------ surgery
 
     def _datamodule_splits(self) -> Any:
-        return self.trainer.datamodule.splits
+        return self.trainer.datamodule.device_splits()
 
     @torch.no_grad()
     def evaluate(self, net: nn.Module) -> float:
@@ -267,9 +268,7 @@ class SurgeryModule(pl.LightningModule):
         was_training = net.training
         net.eval()
         correct = 0
-        for start in range(0, len(splits.y_val), 4096):
-            x = splits.x_val[start : start + 4096].to(self.device)
-            y = splits.y_val[start : start + 4096].to(self.device)
+        for x, y in zip(splits.x_val.split(4096), splits.y_val.split(4096), strict=True):
             correct += int((net(x).argmax(1) == y).sum())
         net.train(was_training)
         return correct / len(splits.y_val)
@@ -283,10 +282,7 @@ class SurgeryModule(pl.LightningModule):
         optimizer = self._new_optimizer(branch.net)
         if branch.optimizer_state is not None:
             optimizer.load_state_dict(branch.optimizer_state)
-        n = len(splits.y_train)
-        for _ in range(batches):
-            idx = torch.randint(0, n, (batch_size,), generator=generator)
-            x, y = splits.x_train[idx].to(self.device), splits.y_train[idx].to(self.device)
+        for x, y in random_batches(splits.x_train, splits.y_train, batches, batch_size, generator):
             loss = F.cross_entropy(branch.net(x), y)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
