@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any
 
 import torch
@@ -22,7 +22,7 @@ from lit_surgery.operators import OperatorError, operator
 from lit_surgery.topology import NON_NEGATIVE, Topology
 
 SV_SOURCES = ("incoming", "outgoing")
-RANKINGS = ("modest", "paper")
+RANKINGS = ("modest", "bottleneck", "paper")
 AL_ACTIVATIONS = ("auto", "linear")
 
 
@@ -37,6 +37,8 @@ class Candidate:
     param_ratio: float = 1.0
     activation: str | None = None
     """For ``AL``: the activation of the identity layer."""
+    compression: float = 0.0
+    """Inputs per unit of the layer (fan-in / width): how much it has to compress."""
 
     @property
     def options(self) -> dict[str, Any]:
@@ -113,7 +115,11 @@ def propose(
         d = depth_factor(i, topo.depth)
         p_add, p_remove = 1.0 - r / n, r / n
         k = max(2, int(n * add_fraction))
-        raw += [Candidate("AN", i, k, p_add), Candidate("AN", i, k * add_multiplier, p_add)]
+        squeeze = topo.fan_in(i) / n
+        raw += [
+            Candidate("AN", i, k, p_add, compression=squeeze),
+            Candidate("AN", i, k * add_multiplier, p_add, compression=squeeze),
+        ]
         relu = al_activation == "auto" and layer.activation in NON_NEGATIVE
         raw.append(Candidate("AL", i, 0, p_add * d, activation="relu" if relu else "linear"))
         raw.append(Candidate("RL", i, 0, p_remove * d))
@@ -129,18 +135,23 @@ def propose(
         if c.op == "T" and ratio >= 1:
             continue  # a factorisation that does not save parameters only costs screening
         weight = c.weight * multipliers.get(c.op, 1.0)
-        result.append(Candidate(c.op, c.layer, c.amount, weight, ratio, c.activation))
+        result.append(replace(c, weight=weight, param_ratio=ratio))
     return result
 
 
-def rank_key(candidate: Candidate, ranking: str = "modest") -> tuple[float, float]:
+def rank_key(candidate: Candidate, ranking: str = "modest") -> tuple[float, ...]:
     """Sort key, larger is better. ``paper``: (weight, q), so among equal weights the
     biggest network wins (the reference's choice, which makes "add 10x units" the AN pick
-    every time). ``modest``: (weight, -|log q|), the smallest change wins ties."""
+    every time). ``modest``: (weight, -|log q|), the smallest change wins ties.
+    ``bottleneck``: like ``modest``, but among saturated layers AN widens the one with the
+    most inputs per unit first (e.g. the first layer of an image MLP), not the cheapest."""
+    modest = -abs(math.log(candidate.param_ratio))
     if ranking == "paper":
         return (candidate.weight, candidate.param_ratio)
     if ranking == "modest":
-        return (candidate.weight, -abs(math.log(candidate.param_ratio)))
+        return (candidate.weight, modest)
+    if ranking == "bottleneck":
+        return (candidate.weight, candidate.compression, modest)
     raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
 
 

@@ -62,8 +62,9 @@ class SurgerySettings:
         type_weights: multipliers of each operator type's ranking weight.
         sv_source: singular values of the matrix entering the layer (``incoming``, the one
             OL and T decompose) or leaving it (``outgoing``, the reference).
-        ranking: ``modest`` breaks weight ties towards the smaller change; ``paper``
-            towards the larger network.
+        ranking: ``bottleneck`` breaks weight ties towards widening the layer with the most
+            inputs per unit, then towards the smaller change; ``modest`` only towards the
+            smaller change; ``paper`` towards the larger network.
         al_activation: ``auto`` inserts a ReLU identity layer after ReLU/sigmoid layers
             (real depth, still exact), else linear; ``linear`` always (the reference).
         split: AN's split of units: ``asymmetric`` shares (copies differ) or ``equal``
@@ -92,7 +93,7 @@ class SurgerySettings:
     screen_batches: dict[str, int] = field(default_factory=lambda: dict(SCREEN_BATCHES))
     type_weights: dict[str, float] = field(default_factory=dict)
     sv_source: str = "incoming"
-    ranking: str = "modest"
+    ranking: str = "bottleneck"
     al_activation: str = "auto"
     split: str = "asymmetric"
     score: str = "log"

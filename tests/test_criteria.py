@@ -119,3 +119,12 @@ def test_ranking_paper_prefers_big_growth_modest_prefers_small():
     assert rank_key(small, "modest") > rank_key(big, "modest")
     with pytest.raises(ValueError, match="ranking"):
         rank_key(small, "best")
+
+
+def test_bottleneck_ranking_widens_the_most_compressive_saturated_layer():
+    net = build(Topology.mlp(64, [4, 4, 4], 10))  # random init: no removable units
+    cands = [c for c in propose(net, sv_threshold_abs=0.0, sv_threshold_rel=0.0)
+             if c.op == "AN"]
+    assert best_per_type(cands, "bottleneck")[0].layer == 0  # 64 inputs per 4 units
+    assert best_per_type(cands, "modest")[0].layer == 1  # the cheapest widening
+    assert best_per_type(cands, "bottleneck")[0].amount == 2  # then the smaller change

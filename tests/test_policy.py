@@ -66,7 +66,8 @@ def test_reference_numbers_are_the_defaults_and_paper_mode_changes_choices():
     assert (p.sv_source, p.ranking, p.al_activation, p.split, p.score, p.explore,
             p.select_by) == ("outgoing", "paper", "linear", "equal", "paper", False, "score")
     assert (d.sv_source, d.ranking, d.al_activation, d.split, d.score, d.explore,
-            d.select_by) == ("incoming", "modest", "auto", "asymmetric", "log", True, "accuracy")
+            d.select_by) == ("incoming", "bottleneck", "auto", "asymmetric", "log", True,
+                             "accuracy")
     assert SurgerySettings.paper(epoch_step=3).epoch_step == 3
     assert SurgerySettings(screen_batches={"AN": 5}).screen_batches["RL"] == 10
 
@@ -99,7 +100,7 @@ def test_selection_base_always_best_per_type_and_one_random():
     types = {c.op for _, c in pool} - {"B"}
     assert ops[0] == "B"
     assert len(chosen) == 1 + len(types) + 1  # B, one per type, one random
-    best = best_per_type([c for _, c in pool[1:]], "modest")
+    best = best_per_type([c for _, c in pool[1:]], "bottleneck")
     assert [pool[i][1] for i in chosen[1:-1]] == best
     assert len(set(chosen)) == len(chosen)
     again = _surgeon(Script(), seed=3).select(pool, list(range(len(pool))))
