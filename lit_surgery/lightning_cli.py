@@ -45,6 +45,8 @@ class SurgeryCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.link_arguments("model.surgery.max_epochs", "trainer.max_epochs")
+        # One seed per run: the split, the start network, the policy's choices.
+        parser.link_arguments("model.seed", "data.seed")
         parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
         parser.add_lightning_class_args(SurgeryReport, "report")
         parser.set_defaults(

@@ -137,7 +137,9 @@ def test_cli_defaults_wandb_offline_checkpoint_lr_monitor_rich_bar_report():
     from lit_surgery.loop import SurgeryFitLoop
     from lit_surgery.reporting import SurgeryReport
 
-    cli = SurgeryCLI(args=["--config", str(ROOT / "configs/digits.yaml")], run=False)
+    cli = SurgeryCLI(args=["--config", str(ROOT / "configs/digits.yaml"), "--model.seed=3"],
+                     run=False)
+    assert cli.datamodule.seed == 3  # one seed per run (linked), no hparams clash
     kinds = {type(c) for c in cli.trainer.callbacks}
     assert {ModelCheckpoint, LearningRateMonitor, RichProgressBar, SurgeryReport} <= kinds
     assert isinstance(cli.trainer.logger, WandbLogger)
