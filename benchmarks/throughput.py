@@ -81,7 +81,7 @@ def main() -> None:
     parser.add_argument("--dataset", default="fashion_mnist")
     parser.add_argument("--hidden", type=int, nargs="+", default=[10, 10, 10])
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--epochs", type=int, default=6)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--steps-per-batch", type=int, default=1)
     args = parser.parse_args()

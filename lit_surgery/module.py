@@ -103,7 +103,8 @@ class SurgeryModule(pl.LightningModule):
         self.done_generations = 0
         self.epoch_log: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
-        self._train_stats: Tensor | None = None
+        self._train_stats: Tensor | None = None  # loss sum, correct (leading branch)
+        self._train_count = 0
         self.val_acc = self.test_acc = None
         if input_size is not None and num_classes is not None:
             self._build_root()
@@ -122,6 +123,11 @@ class SurgeryModule(pl.LightningModule):
             raise ValueError(
                 f"data.steps_per_batch={chunk} needs a single process; with "
                 f"{self.trainer.world_size} processes (DDP) use steps_per_batch=1"
+            )
+        if chunk > 1 and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            raise ValueError(
+                f"data.steps_per_batch={chunk} does not support a gradient scaler (precision "
+                "16-mixed); use steps_per_batch=1, or precision bf16-mixed or 32"
             )
         self.automatic_optimization = chunk == 1
         if len(self.population) == 0:
@@ -160,14 +166,19 @@ class SurgeryModule(pl.LightningModule):
         x, y = batch
         if self.automatic_optimization:
             return self._loss(x, y)
-        # A chunk of consecutive mini-batches (datamodule ``steps_per_batch``): one step each.
-        optimizer = self.optimizers()
+        # A chunk of consecutive mini-batches (datamodule ``steps_per_batch``): one step each,
+        # on the bare optimiser: Lightning's per-step hooks would cost as much as the step.
+        # The step counter is Lightning's own, so global_step, logging and checkpoints agree.
+        optimizer = self.optimizers().optimizer
+        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
         size = self.trainer.datamodule.batch_size
         for xb, yb in zip(x.split(size), y.split(size), strict=True):
             loss = self._loss(xb, yb)
             optimizer.zero_grad(set_to_none=True)
-            self.manual_backward(loss)
+            loss.backward()
             optimizer.step()
+            progress.increment_ready()
+            progress.increment_completed()
             self._step_schedulers("step")
         return None
 
@@ -177,14 +188,12 @@ class SurgeryModule(pl.LightningModule):
         # Summed on the device and logged once per epoch: a per-step ``self.log`` costs more
         # than a whole step of a small network.
         with torch.no_grad():
-            stats = torch.stack(
-                [
-                    losses[0] * len(y),
-                    (logits[0].argmax(1) == y).sum(),
-                    torch.tensor(len(y), device=y.device),
-                ]
-            )
-            self._train_stats = stats if self._train_stats is None else self._train_stats + stats
+            if self._train_stats is None:
+                self._train_stats = torch.zeros(2, device=y.device)
+                self._train_count = 0
+            self._train_stats[0].add_(losses[0].detach(), alpha=len(y))
+            self._train_stats[1].add_((logits[0].argmax(1) == y).sum())
+            self._train_count += len(y)
         return torch.stack(losses).sum()
 
     def _step_schedulers(self, interval: str) -> None:
@@ -224,9 +233,10 @@ class SurgeryModule(pl.LightningModule):
         if not self.automatic_optimization:
             self._step_schedulers("epoch")
         if self._train_stats is not None:
-            loss_sum, correct, count = self.trainer.strategy.reduce(
-                self._train_stats, reduce_op="sum"
+            totals = torch.cat(
+                [self._train_stats, self._train_stats.new_tensor([self._train_count])]
             )
+            loss_sum, correct, count = self.trainer.strategy.reduce(totals, reduce_op="sum")
             self.log("train/loss", loss_sum / count, prog_bar=True)
             self.log("train/acc", correct / count)
         topo = self.topology
