@@ -162,3 +162,13 @@ def test_early_stopping_on_the_validation_metric_works_with_surgery(tmp_path):
     trainer = _trainer(tmp_path, [stop], max_epochs=40)
     trainer.fit(model, SurgeryDataModule("digits"))
     assert stop.stopped_epoch > 0 and trainer.current_epoch < 40
+
+
+def test_chunked_steps_refuse_a_gradient_scaler():
+    model = _model()
+    trainer = pl.Trainer(logger=False)
+    trainer.datamodule = SurgeryDataModule(steps_per_batch=4)
+    trainer.precision_plugin.scaler = object()  # what 16-mixed precision carries
+    model.trainer = trainer
+    with pytest.raises(ValueError, match="does not support a gradient scaler"):
+        model.setup("fit")
