@@ -7,6 +7,7 @@ from collections.abc import Sequence
 
 COMMANDS = {
     "plain": ("lit_surgery.plain", "surgery on digits in a plain PyTorch loop"),
+    "tune": ("lit_surgery.tuning", "tune surgery settings with Optuna from a sweep file"),
 }
 
 
@@ -21,3 +22,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         return
     module = __import__(COMMANDS[args[0]][0], fromlist=["main"])
     module.main(args[1:])
+
+
+if __name__ == "__main__":  # python -m lit_surgery.cli (e.g. workers without the script)
+    main()
