@@ -445,14 +445,13 @@ def trial_config(sweep: Sweep, values: dict[str, Any], seed: int | None = None) 
     overrides (so they can pin the seeds), then the sampled ``values``. This is exactly what
     an export writes.
 
-    The seed goes to ``seed_everything``, ``model.seed`` and ``data.seed`` (the split): a
-    setting is judged across splits, not tuned to one validation set; and Lightning refuses
-    a module and datamodule whose ``seed`` hyperparameters differ."""
+    The seed goes to ``seed_everything`` and ``model.seed``, which train.py links to
+    ``data.seed`` (the split): a setting is judged across splits, not tuned to one
+    validation set."""
     config = copy.deepcopy(sweep.base)
     if seed is not None:
         config["seed_everything"] = seed
         _set(config, "model.seed", seed)
-        _set(config, "data.seed", seed)
     for key, value in [*sweep.overrides.items(), *values.items()]:
         _set(config, key, copy.deepcopy(value))
     return config
