@@ -567,19 +567,21 @@ def run(args: argparse.Namespace, console: Console) -> optuna.Study | None:
     url = args.storage or sweep.storage or default_storage(args.out_dir, name)
     study = open_study(sweep, open_storage(url, beat), name, args.sampler_seed)
     existing = len(study.get_trials(deepcopy=False))
-    total = args.total_trials
-    if total is None and args.n_trials is None:
+    total, n_trials = args.total_trials, args.n_trials
+    if args.export is not None and total is None and n_trials is None:
+        n_trials = 0  # --export alone exports from the study as it is
+    elif total is None and n_trials is None:
         total = sweep.n_trials
     out_dir = args.out_dir / name
     console.print(
         f"study {name!r}: {existing} trials so far"
         + (f", target {total}" if total is not None else "")
-        + (f", at most {args.n_trials} in this process" if args.n_trials is not None else "")
+        + (f", at most {n_trials} in this process" if n_trials is not None else "")
         + f"; trials in {out_dir}/"
     )
     start = time.perf_counter()
     ran = run_study(
-        study, TrialObjective(sweep, name, out_dir), n_trials=args.n_trials, total_trials=total
+        study, TrialObjective(sweep, name, out_dir), n_trials=n_trials, total_trials=total
     )
     console.print(f"{ran} trials run by this process in {time.perf_counter() - start:.1f} s")
     plot = summarize(study, sweep, out_dir, console)
