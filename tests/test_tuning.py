@@ -117,6 +117,14 @@ def test_sqlite_study_resumes_in_a_second_invocation(digits_study, capsys):
     assert (tmp / "runs" / "tune" / "tiny" / "history.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_export_alone_runs_no_trial(digits_study, monkeypatch):
+    tmp, _, _ = digits_study
+    sweep = write_sweep(tmp / "more.yaml", n_trials=10)  # the study is below this target
+    monkeypatch.chdir(tmp)
+    study = tune(str(sweep), "--export", "again.yaml")
+    assert len(study.trials) == 3 and (tmp / "again.yaml").is_file()
+
+
 def test_each_trial_is_a_wandb_run_in_the_study_group(digits_study):
     tmp, study, _ = digits_study
     for trial in study.trials:
