@@ -104,3 +104,5 @@ class SurgeryCLI(LightningCLI):
 
 def main(args: list[str] | None = None) -> None:
     SurgeryCLI(args=args)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # DDP: exit cleanly, not via atexit

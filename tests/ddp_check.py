@@ -67,6 +67,7 @@ def main() -> None:
     )
     attach(trainer)
     trainer.fit(model, SurgeryDataModule("digits"))
+    dist.destroy_process_group()  # a clean exit: gloo's threads must not outlive Python
 
 
 if __name__ == "__main__":

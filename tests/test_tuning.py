@@ -248,6 +248,8 @@ def test_multi_objective_study_prints_and_plots_the_pareto_front(tmp_path, capsy
         "memory",
         "--out-dir",
         str(tmp_path),
+        "--total-trials",
+        "3",
         "--export",
         str(tmp_path / "point.yaml"),
         "--trial",
