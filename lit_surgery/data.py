@@ -503,23 +503,10 @@ def make_splits(
     )
 
 
-def split_and_normalise(
-    x: np.ndarray, y: np.ndarray, *, val_fraction: float, seed: int
-) -> TensorSplits:
-    """Seeded random validation split; mean and std from the training part only."""
-    if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
-    order = np.random.default_rng(seed).permutation(len(x))
-    n_val = round(len(x) * val_fraction)
-    val, train = order[:n_val], order[n_val:]
-    x_train, x_val = _normalise(x[train], x[val])
-    return TensorSplits(x_train, _labels(y[train]), x_val, _labels(y[val]), int(y.max()) + 1)
-
-
-def digits(*, val_fraction: float = 0.2, seed: int = 0) -> TensorSplits:
-    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes): no download."""
-    arrays = load_digits_arrays()
-    return split_and_normalise(arrays.x_train, arrays.y_train, val_fraction=val_fraction, seed=seed)
+def digits(*, val_fraction: float = 0.1, seed: int = 0) -> TensorSplits:
+    """scikit-learn's bundled 8x8 digits (1,797 images, 10 classes), split as the
+    datamodule splits it (seeded test and validation fractions): no download."""
+    return make_splits(load_digits_arrays(), val_fraction=val_fraction, seed=seed)
 
 
 # --------------------------------------------------------------------------------------

@@ -252,19 +252,17 @@ class SurgeryModule(pl.LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
-        params = list(self.population.parameters())
-        if self.optimizer_factory is None:
-            optimizer = torch.optim.SGD(params, lr=0.005)
-        else:
-            optimizer = self.optimizer_factory(params)
+        optimizer = self._new_optimizer(self.population)
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
-    def _new_optimizer(self, net: nn.Module) -> torch.optim.Optimizer:
+    def _new_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
+        """The configured optimiser (default: SGD, lr 0.005, the paper's) over ``module``."""
+        params = list(module.parameters())
         if self.optimizer_factory is None:
-            return torch.optim.SGD(net.parameters(), lr=0.005)
-        return self.optimizer_factory(net.parameters())
+            return torch.optim.SGD(params, lr=0.005)
+        return self.optimizer_factory(params)
 
     # ------------------------------------------------------------------ surgery
 

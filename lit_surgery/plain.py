@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from lit_surgery.data import TensorSplits, digits
+from lit_surgery.data import TensorBatches, TensorSplits, digits, random_batches
 from lit_surgery.network import SurgeryNet, build
 from lit_surgery.policy import Branch, CandidateRecord, Surgeon, SurgerySettings
 from lit_surgery.topology import Topology
@@ -46,6 +46,11 @@ class PlainTrainer:
             self.optimizer_kwargs["momentum"] = momentum
         self.optimizer_cls = OPTIMIZERS[optimizer]
         self.generator = torch.Generator(device=data.x_train.device).manual_seed(seed)
+        # every epoch a fresh (seed, epoch) permutation, sliced on the device
+        self.batches = TensorBatches(
+            data.x_train, data.y_train, batch_size, shuffle=True, seed=seed
+        )
+        self.epoch = 0
 
     def optimizer(self, branch: Branch) -> torch.optim.Optimizer:
         opt = self.optimizer_cls(branch.net.parameters(), **self.optimizer_kwargs)
@@ -53,30 +58,31 @@ class PlainTrainer:
             opt.load_state_dict(branch.optimizer_state)
         return opt
 
-    def _steps(self, net: nn.Module, opt: torch.optim.Optimizer, indices: torch.Tensor) -> None:
+    def _steps(self, net: nn.Module, opt: torch.optim.Optimizer, batches) -> None:
         net.train()
-        x, y = self.data.x_train, self.data.y_train
-        for start in range(0, len(indices), self.batch_size):
-            batch = indices[start : start + self.batch_size]
-            loss = F.cross_entropy(net(x[batch]), y[batch])
+        for x, y in batches:
+            loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
 
-    def _permutation(self) -> torch.Tensor:
-        n = len(self.data.y_train)
-        return torch.randperm(n, generator=self.generator, device=self.data.x_train.device)
-
     def train(self, branch: Branch, epochs: int) -> float:
         opt = self.optimizer(branch)
         for _ in range(epochs):
-            self._steps(branch.net, opt, self._permutation())
+            self.batches.set_epoch(self.epoch)
+            self.epoch += 1
+            self._steps(branch.net, opt, self.batches)
         branch.optimizer_state = opt.state_dict()
         return self.evaluate(branch.net)
 
     def screen(self, branch: Branch, batches: int) -> float:
         opt = self.optimizer(branch)
-        self._steps(branch.net, opt, self._permutation()[: batches * self.batch_size])
+        d = self.data
+        self._steps(
+            branch.net,
+            opt,
+            random_batches(d.x_train, d.y_train, batches, self.batch_size, self.generator),
+        )
         branch.optimizer_state = opt.state_dict()
         return self.evaluate(branch.net)
 

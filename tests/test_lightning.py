@@ -46,7 +46,7 @@ def test_fit_runs_generations_inside_one_fit(tmp_path):
     history = model.surgeon.history
     assert {r.generation for r in history.candidates} == {1, 2, 3}
     winner = history.genealogy[model.branches[0].id]
-    assert winner["epochs"] == 12 + model.extra_epochs - model.extra_epochs  # lineage = schedule
+    assert winner["epochs"] == SCHEDULE["max_epochs"]  # its lineage trained the schedule
     assert len(model.population) == 1 and model.branches[0].metric > 0.8
     assert [e["epoch"] for e in model.epoch_log] == list(range(trainer.current_epoch))
     # after a generation the population holds the survivors (parallel branches)
