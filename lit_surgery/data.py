@@ -34,11 +34,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from lit_surgery.errors import UserError
+
 DATASETS = ("digits", "fashion_mnist", "mnist", "cifar10", "svhn", "npz")
 
 
-class DataError(ValueError):
-    """A data file is malformed, fails its checksum, or does not fit the expected layout."""
+class DataError(UserError):
+    """Bad data or data settings: a file that is malformed, fails its checksum or does not
+    fit the expected layout; an unknown dataset; a split or batch size that cannot work."""
 
 
 class DataNotFoundError(DataError, FileNotFoundError):
@@ -400,10 +403,10 @@ def load_arrays(
         return load_digits_arrays()
     if dataset == "npz":
         if npz_path is None:
-            raise ValueError("dataset 'npz' needs npz_path")
+            raise DataError("dataset 'npz' needs npz_path")
         return load_npz(npz_path)
     if dataset not in SOURCES:
-        raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+        raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
     folder = fetch(dataset, data_dir, download=download)
     if dataset == "cifar10":
         return load_cifar10(folder)
@@ -480,11 +483,11 @@ def make_splits(
     a test split (digits) first set aside a seeded ``val_fraction`` of the samples as test.
     """
     if not 0 < val_fraction < 1:
-        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
     x, y = arrays.x_train, arrays.y_train
     x_val, y_val, x_test, y_test = arrays.x_val, arrays.y_val, arrays.x_test, arrays.y_test
     if use_test_as_val and x_val is not None:
-        raise ValueError("use_test_as_val: this dataset has its own validation split")
+        raise DataError("use_test_as_val: this dataset has its own validation split")
     order = np.random.default_rng(seed).permutation(len(x))
     n = round(len(x) * val_fraction)
     if x_test is None and x_val is None:  # set aside a test split first
@@ -496,7 +499,7 @@ def make_splits(
     if len(order) < len(x):  # something was set aside; else keep the file's order
         x, y = x[order], y[order]
     if min(len(x), len(x_val), len(x) if x_test is None else len(x_test)) == 0:
-        raise ValueError(f"val_fraction {val_fraction} leaves an empty split")
+        raise DataError(f"val_fraction {val_fraction} leaves an empty split")
     xs = _normalise(x, x_val, x_test)
     return TensorSplits(
         xs[0], _labels(y), xs[1], _labels(y_val), arrays.num_classes, xs[2], _labels(y_test)
@@ -653,9 +656,9 @@ class SurgeryDataModule(pl.LightningDataModule):
     ) -> None:
         super().__init__()
         if dataset not in DATASETS:
-            raise ValueError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
+            raise DataError(f"unknown dataset {dataset!r}; choose one of {', '.join(DATASETS)}")
         if (dataset == "npz") != (npz_path is not None):
-            raise ValueError(
+            raise DataError(
                 f"npz_path goes with dataset 'npz' only; got {dataset!r}, {npz_path!r}"
             )
         sizes = (
@@ -665,11 +668,11 @@ class SurgeryDataModule(pl.LightningDataModule):
         )
         for name, size in sizes:
             if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-                raise ValueError(f"{name} must be an integer >= 1, got {size!r}")
+                raise DataError(f"{name} must be an integer >= 1, got {size!r}")
         if not 0 < val_fraction < 1:
-            raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
+            raise DataError(f"val_fraction must be in (0, 1), got {val_fraction!r}")
         if dataset == "npz" and use_test_as_val:
-            raise ValueError("use_test_as_val does not apply to 'npz': the file has its own x_val")
+            raise DataError("use_test_as_val does not apply to 'npz': the file has its own x_val")
         self.save_hyperparameters()
         self.dataset, self.data_dir, self.npz_path = dataset, data_dir, npz_path
         self.batch_size, self.eval_batch_size = batch_size, eval_batch_size
@@ -742,7 +745,7 @@ class SurgeryDataModule(pl.LightningDataModule):
     def _test(self) -> TensorSplits:
         s = self.device_splits()
         if s.x_test is None:
-            raise ValueError(f"dataset {self.dataset!r} has no test split (npz without x_test)")
+            raise DataError(f"dataset {self.dataset!r} has no test split (npz without x_test)")
         return s
 
     def test_dataloader(self) -> TensorBatches:

@@ -21,6 +21,7 @@ from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
 from lit_surgery.data import random_batches
+from lit_surgery.errors import UserError
 from lit_surgery.network import SurgeryNet, build
 from lit_surgery.optim_state import join_state, split_state
 from lit_surgery.policy import (
@@ -39,7 +40,7 @@ CHECKPOINT_VERSION = 1
 DEFAULT_SETTINGS = SurgerySettings()
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint that lit_surgery cannot resume from."""
 
 

@@ -28,6 +28,7 @@ from lit_surgery.criteria import (
     best_per_type,
     propose,
 )
+from lit_surgery.errors import UserError
 from lit_surgery.network import SurgeryNet
 from lit_surgery.operators import OPERATOR_CODES, Mutation, operator
 from lit_surgery.optim_state import transfer_state
@@ -38,7 +39,7 @@ SPLITS = ("asymmetric", "equal")
 SCREEN_BATCHES = {"B": 1, "AN": 1, "AL": 1, "T": 1, "RL": 10, "OL": 10}
 
 
-class SettingsError(ValueError):
+class SettingsError(UserError):
     """An invalid surgery setting; the message names it and what is allowed."""
 
 

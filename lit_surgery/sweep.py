@@ -27,6 +27,7 @@ import optuna
 import yaml
 from lightning.pytorch.callbacks import Callback
 
+from lit_surgery.errors import UserError
 from lit_surgery.lightning_cli import SurgeryCLI
 from lit_surgery.module import SurgeryModule
 
@@ -72,7 +73,7 @@ PRUNERS = (
 )
 
 
-class SweepError(ValueError):
+class SweepError(UserError):
     """A sweep file that cannot run; the message names the bad entry and what is allowed."""
 
 

@@ -14,6 +14,8 @@ from typing import Any
 
 from torch import nn
 
+from lit_surgery.errors import UserError
+
 FORMAT_VERSION = 1
 
 ACTIVATIONS: dict[str, Callable[[], nn.Module]] = {
@@ -30,7 +32,7 @@ POSITIVELY_HOMOGENEOUS = frozenset({"relu", "leaky_relu", "linear"})
 NON_NEGATIVE = frozenset({"relu", "sigmoid"})
 
 
-class TopologyError(ValueError):
+class TopologyError(UserError):
     """A topology that cannot describe a network."""
 
 
