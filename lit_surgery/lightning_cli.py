@@ -4,42 +4,79 @@ Defaults a Lightning user expects: W&B logging offline (no account, no network; 
 sync`` later), checkpoints of the best validation accuracy plus ``last.ckpt``, learning-rate
 monitor, rich progress bar. The surgery schedule owns the run's length:
 ``model.surgery.max_epochs`` sets ``trainer.max_epochs``. After ``fit`` the best network is
-tested, exported as a plain ``torch.nn.Sequential`` and summarised.
+tested, exported (``model.safetensors`` and ``topology.json``, see
+:mod:`lit_surgery.export`) and summarised. A user error (a bad value, missing data, a file
+that is not a checkpoint) prints one line and exits with status 2.
 """
 
 from __future__ import annotations
 
-import json
 import os
+import sys
 from pathlib import Path
+from typing import Any
 
 import torch
 from lightning.pytorch import Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar, RichProgressBar
+from lightning.pytorch.callbacks import (
+    Callback,
+    LearningRateMonitor,
+    ModelCheckpoint,
+    ProgressBar,
+    RichProgressBar,
+)
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_surgery.data import SurgeryDataModule
+from lit_surgery.errors import one_line, run_command
+from lit_surgery.export import export
 from lit_surgery.loop import attach
-from lit_surgery.module import SurgeryModule
+from lit_surgery.module import CHECKPOINT_VERSION, CheckpointError, SurgeryModule
 from lit_surgery.reporting import SurgeryReport, run_dir
 
 
-def export(module: SurgeryModule, directory: str | Path) -> Path:
-    """Write ``model.pt`` (a pickled ``nn.Sequential``: loads with plain torch,
-    ``torch.load(path, weights_only=False)``) and ``topology.json`` beside it."""
-    directory = Path(directory)
-    directory.mkdir(parents=True, exist_ok=True)
-    path = directory / "model.pt"
-    tmp = path.with_suffix(".pt.tmp")
-    torch.save(module.net.to_sequential().cpu().eval(), tmp)
-    os.replace(tmp, path)
-    (directory / "topology.json").write_text(json.dumps(module.topology.to_dict(), indent=2))
-    return path
+def _load_failure(err: Exception) -> str:
+    """The gist of a ``torch.load`` failure (its weights-only message is a paragraph)."""
+    text = one_line(err)
+    gist = text.partition(". ")[0]
+    if "WeightsUnpickler error:" in text:
+        detail = text.partition("WeightsUnpickler error:")[2].partition(" Check the")[0]
+        gist = f"{gist}: {detail.strip()}"
+    return f"torch.load: {gist[:300]}"
+
+
+def check_checkpoint(path: str) -> None:
+    """Fail before anything runs, in one line, on a ``ckpt_path`` that is not a lit-surgery
+    checkpoint (``torch.load`` alone reports a garbage file as a pickle opcode, and
+    LightningCLI loads the file before any of our hooks). Lightning's special values
+    (``last``, ``best``, ``hpc``, ``registry``) and remote URLs are left to Lightning."""
+    if path in ("last", "best", "hpc") or path.startswith("registry") or "://" in path:
+        return
+    if not Path(path).is_file():
+        raise CheckpointError(f"ckpt_path {path!r}: no such file")
+    try:
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # torch.load raises many kinds for a file that is not its own
+        raise CheckpointError(
+            f"ckpt_path {path!r} is not a readable checkpoint ({_load_failure(err)})"
+        ) from err
+    if not isinstance(checkpoint, dict) or not isinstance(checkpoint.get("surgery"), dict):
+        raise CheckpointError(
+            f"ckpt_path {path!r} has no 'surgery' entry: it was not written by lit_surgery"
+        )
+    version = checkpoint["surgery"].get("version")
+    if version != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"ckpt_path {path!r} has surgery state version {version!r}; this lit_surgery "
+            f"reads version {CHECKPOINT_VERSION}"
+        )
 
 
 class SurgeryCLI(LightningCLI):
     def __init__(self, *args, **kwargs) -> None:
         kwargs.setdefault("save_config_kwargs", {"overwrite": True})
+        # parse errors raise (one line, exit 2, by main) instead of printing the usage
+        kwargs.setdefault("parser_kwargs", {"exit_on_error": False})
         kwargs.setdefault("seed_everything_default", 0)
         super().__init__(SurgeryModule, SurgeryDataModule, *args, **kwargs)
 
@@ -69,11 +106,30 @@ class SurgeryCLI(LightningCLI):
             "--export_dir",
             type=str | None,
             default=None,
-            help="where model.pt and topology.json go (default: the run's dir)",
+            help="where model.safetensors and topology.json go (default: the run's dir)",
         )
 
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if ckpt_path:
+            check_checkpoint(str(ckpt_path))
+
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
-        """The rich progress bar, unless the bar is off or another one is configured."""
+        """The defaults this CLI adds follow what the user turned off: no checkpoint
+        callback without checkpointing, no learning-rate monitor without a logger, the rich
+        progress bar unless the bar is off or another one is configured."""
+        no_logger = config.get("logger") is False or config.get("logger") == []
+
+        def wanted(c: Callback) -> bool:
+            if isinstance(c, ModelCheckpoint) and config.get("enable_checkpointing") is False:
+                return False
+            return not (isinstance(c, LearningRateMonitor) and no_logger)
+
+        callbacks = [c for c in callbacks if wanted(c)]
+        if config.get("callbacks"):
+            config["callbacks"] = [c for c in config["callbacks"] if wanted(c)]
         configured = [*callbacks, *(config.get("callbacks") or [])]
         if config.get("enable_progress_bar") is not False and not any(
             isinstance(c, ProgressBar) for c in configured
@@ -81,8 +137,26 @@ class SurgeryCLI(LightningCLI):
             callbacks = [*callbacks, RichProgressBar()]
         return super()._instantiate_trainer(config, callbacks)
 
+    def _check_data(self) -> None:
+        """Load the data before the trainer runs, so missing or malformed data fails before
+        a logger, a config file or a checkpoint is written. Only the launching process (local
+        rank 0): processes that DDP starts load in ``setup``, after it, as usual."""
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            self.datamodule.prepare_data()
+            self.datamodule.setup("fit")
+
     def before_fit(self) -> None:
+        self._check_data()
         attach(self.trainer)
+
+    def before_validate(self) -> None:
+        self._check_data()
+
+    def before_test(self) -> None:
+        self._check_data()
+
+    def before_predict(self) -> None:
+        self._check_data()
 
     def after_fit(self) -> None:
         trainer, module = self.trainer, self.model
@@ -94,7 +168,7 @@ class SurgeryCLI(LightningCLI):
         directory = self.config[self.subcommand].get("export_dir") or run_dir(trainer)
         if not trainer.is_global_zero:
             return
-        path = export(module, directory)
+        path = export(module.net, directory)
         topo = module.topology
         print(f"final topology: {topo.describe()} widths={topo.widths} params={topo.num_params}")
         if "test/acc" in results:
@@ -103,6 +177,14 @@ class SurgeryCLI(LightningCLI):
 
 
 def main(args: list[str] | None = None) -> None:
-    SurgeryCLI(args=args)
-    if torch.distributed.is_available() and torch.distributed.is_initialized():
-        torch.distributed.destroy_process_group()  # DDP: exit cleanly, not via atexit
+    """``python train.py ...`` (``args``: instead of ``sys.argv``); a user error prints one
+    line and exits with status 2."""
+
+    def command(argv: list[str]) -> None:
+        if args is None:
+            sys.argv[1:] = argv  # without --debug: DDP re-launches this script with sys.argv
+        SurgeryCLI(args=argv if args is not None else None)
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()  # DDP: exit cleanly, not via atexit
+
+    run_command("train.py", command, sys.argv[1:] if args is None else args)
