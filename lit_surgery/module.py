@@ -6,10 +6,13 @@ loss gives each network its own gradient), so parallel branches share one ``fit`
 optimiser and one DDP wrapper. Surgery itself (:meth:`SurgeryModule.operate`) is called
 by :class:`~lit_surgery.loop.SurgeryFitLoop` at generation boundaries; it runs the policy's
 phases on rank 0 and broadcasts the outcome, so every rank holds the same networks.
+A branch whose training loss was ever non-finite in a cycle counts as diverged (its metric
+is NaN for the policy), like one whose weights are.
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -90,6 +93,8 @@ class SurgeryModule(pl.LightningModule):
         self.hparams["surgery"] = self.settings.to_dict()
         self.start_hidden = [int(w) for w in hidden]
         self.activation = activation
+        # bad widths or activation fail here, before the trainer writes anything
+        Topology.mlp(1, self.start_hidden, 1, activation)
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.input_size = input_size
@@ -106,6 +111,7 @@ class SurgeryModule(pl.LightningModule):
         self.events: list[dict[str, Any]] = []
         self._train_stats: Tensor | None = None  # loss sum, correct (leading branch)
         self._train_count = 0
+        self._loss_sums: Tensor | None = None  # per branch, this cycle: finite iff all were
         self.val_acc = self.test_acc = None
         if input_size is not None and num_classes is not None:
             self._build_root()
@@ -185,17 +191,20 @@ class SurgeryModule(pl.LightningModule):
 
     def _loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = [net(x) for net in self.population]
-        losses = [F.cross_entropy(out, y) for out in logits]
+        losses = torch.stack([F.cross_entropy(out, y) for out in logits])
         # Summed on the device and logged once per epoch: a per-step ``self.log`` costs more
         # than a whole step of a small network.
         with torch.no_grad():
             if self._train_stats is None:
                 self._train_stats = torch.zeros(2, device=y.device)
                 self._train_count = 0
-            self._train_stats[0].add_(losses[0].detach(), alpha=len(y))
+            self._train_stats[0].add_(losses[0], alpha=len(y))
             self._train_stats[1].add_((logits[0].argmax(1) == y).sum())
             self._train_count += len(y)
-        return torch.stack(losses).sum()
+            if self._loss_sums is None:
+                self._loss_sums = torch.zeros_like(losses)
+            self._loss_sums.add_(losses)  # to tell diverged branches
+        return losses.sum()
 
     def _step_schedulers(self, interval: str) -> None:
         """Manual optimisation steps the schedulers itself (Lightning does in automatic)."""
@@ -211,6 +220,8 @@ class SurgeryModule(pl.LightningModule):
 
     def on_train_epoch_start(self) -> None:
         self._train_stats = None
+        if self._loss_sums is not None:  # from a checkpoint: on the CPU
+            self._loss_sums = self._loss_sums.to(self.device)
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -313,16 +324,26 @@ class SurgeryModule(pl.LightningModule):
         population (the loop then rebuilds DDP and the optimiser)."""
         if self.next_boundary is None or epoch != self.next_boundary:
             return False
+        finite_loss = self._finite_losses()
         if self.trainer.is_global_zero:
             self._collect_optimizer_states()
-            for branch in self.branches:
-                branch.metric = self.evaluate(branch.net)
+            for branch, finite in zip(self.branches, finite_loss, strict=True):
+                branch.metric = self.evaluate(branch.net) if finite else math.nan
             self._advance_generation(epoch)
+        self._loss_sums = None  # a new cycle
         payload = self.surgery_state()
         if self.trainer.world_size > 1:
             payload = self.trainer.strategy.broadcast(payload, src=0)
         self.load_surgery_state(payload)
         return True
+
+    def _finite_losses(self) -> list[bool]:
+        """Per branch: were all of this cycle's training losses finite, on every rank? (A
+        collective: every rank calls it.)"""
+        if self._loss_sums is None:  # no step in this cycle
+            return [True] * len(self.branches)
+        sums = self.trainer.strategy.reduce(self._loss_sums, reduce_op="sum")
+        return torch.isfinite(sums).tolist()
 
     def _advance_generation(self, epoch: int) -> None:
         gen = self.open_generation
@@ -336,10 +357,8 @@ class SurgeryModule(pl.LightningModule):
             branches = gen.survivors
             self.open_generation = None
             self.done_generations += 1
-        else:  # the first boundary: the root's initial training is over
-            branches = self.branches
-            for branch in branches:
-                self.surgeon.record_training(branch, epoch, branch.metric)
+        else:  # the first boundary: the root's initial training is over (or it diverged)
+            branches = [self.surgeon.conclude_initial(b, epoch, b.metric) for b in self.branches]
         if self.done_generations < self.settings.generations:
             gen = self.surgeon.begin(branches, self.done_generations + 1)
             self.open_generation = gen
@@ -352,12 +371,17 @@ class SurgeryModule(pl.LightningModule):
             self._event(epoch, self.done_generations, "end")
 
     def _event(self, epoch: int, generation: int, kind: str) -> None:
-        """A surgery point, for logs and plots: what the population became."""
+        """A surgery point, for logs and plots: what the population became, and the
+        policy's ``diverged`` and ``fallbacks`` entries since the previous point."""
+        history = self.surgeon.history
+        seen = [sum(len(e.get(key, ())) for e in self.events) for key in ("diverged", "fallbacks")]
         self.events.append(
             {
                 "epoch": epoch,
                 "generation": generation,
                 "kind": kind,
+                "diverged": history.diverged[seen[0] :],
+                "fallbacks": history.fallbacks[seen[1] :],
                 "population": [
                     {
                         "branch": b.id,
@@ -393,6 +417,7 @@ class SurgeryModule(pl.LightningModule):
                 "done_generations": self.done_generations,
                 "epoch_log": self.epoch_log,
                 "events": self.events,
+                "loss_sums": self._loss_sums,
                 "input_size": self.input_size,
                 "num_classes": self.num_classes,
             }
@@ -419,6 +444,7 @@ class SurgeryModule(pl.LightningModule):
         self.done_generations = state["done_generations"]
         self.epoch_log = list(state["epoch_log"])
         self.events = list(state["events"])
+        self._loss_sums = state.get("loss_sums")
         self.input_size, self.num_classes = state["input_size"], state["num_classes"]
         self._install(population)
 

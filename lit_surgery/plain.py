@@ -7,6 +7,7 @@ optimiser state between cycles (carried across surgery by the policy).
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from collections.abc import Sequence
 
@@ -58,33 +59,43 @@ class PlainTrainer:
             opt.load_state_dict(branch.optimizer_state)
         return opt
 
-    def _steps(self, net: nn.Module, opt: torch.optim.Optimizer, batches) -> None:
+    def _steps(self, net: nn.Module, opt: torch.optim.Optimizer, batches) -> torch.Tensor:
+        """Train on ``batches``; returns the summed loss (finite iff every loss was), kept on
+        the device so that no step waits for a host sync."""
         net.train()
+        total = torch.zeros((), device=self.data.x_train.device)
         for x, y in batches:
             loss = F.cross_entropy(net(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+            total += loss.detach()
+        return total
 
     def train(self, branch: Branch, epochs: int) -> float:
         opt = self.optimizer(branch)
+        total = torch.zeros(())
         for _ in range(epochs):
             self.batches.set_epoch(self.epoch)
             self.epoch += 1
-            self._steps(branch.net, opt, self.batches)
+            total = total + self._steps(branch.net, opt, self.batches)
         branch.optimizer_state = opt.state_dict()
-        return self.evaluate(branch.net)
+        return self._metric(branch.net, total)
 
     def screen(self, branch: Branch, batches: int) -> float:
         opt = self.optimizer(branch)
         d = self.data
-        self._steps(
+        total = self._steps(
             branch.net,
             opt,
             random_batches(d.x_train, d.y_train, batches, self.batch_size, self.generator),
         )
         branch.optimizer_state = opt.state_dict()
-        return self.evaluate(branch.net)
+        return self._metric(branch.net, total)
+
+    def _metric(self, net: nn.Module, loss_sum: torch.Tensor) -> float:
+        """Validation accuracy, or NaN (diverged) if a training loss was not finite."""
+        return self.evaluate(net) if bool(torch.isfinite(loss_sum)) else math.nan
 
     @torch.no_grad()
     def evaluate(self, net: nn.Module) -> float:
@@ -115,6 +126,22 @@ def format_generation(
     return "\n".join(lines)
 
 
+def format_divergence(diverged: list[dict], fallbacks: list[dict]) -> list[str]:
+    """Lines for :attr:`History.diverged` and :attr:`History.fallbacks` entries."""
+    lines = []
+    if diverged:
+        lines.append(
+            "  diverged: "
+            + ", ".join(
+                f"#{d['branch']} (generation {d['generation']}, {d['stage']}, "
+                f"after {d['epochs']} epochs)"
+                for d in diverged
+            )
+        )
+    lines += [f"  kept last good {f['kept']}: {f['reason']}" for f in fallbacks]
+    return lines
+
+
 def run(
     hidden: Sequence[int],
     settings: SurgerySettings,
@@ -134,9 +161,14 @@ def run(
         data, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, seed=seed
     )
 
+    shown = [0, 0]  # history entries already printed: diverged, fallbacks
+
     def report(generation: int, records: list[CandidateRecord], survivors: list[Branch]) -> None:
+        history = surgeon.history
+        lines = format_divergence(history.diverged[shown[0] :], history.fallbacks[shown[1] :])
+        shown[:] = len(history.diverged), len(history.fallbacks)
         if verbose:
-            print(format_generation(generation, records, survivors), flush=True)
+            print(format_generation(generation, records, survivors), *lines, sep="\n", flush=True)
 
     surgeon = Surgeon(settings, trainer.train, trainer.screen, seed=seed, on_generation=report)
     return surgeon.run(net), surgeon
@@ -176,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> None:
         batch_size=args.batch_size,
     )
     elapsed = time.perf_counter() - start
+    diverged = surgeon.history.diverged
+    if diverged:
+        ids = ", ".join(f"#{d['branch']}" for d in diverged)
+        print(f"{len(diverged)} branches diverged and were dropped: {ids}")
     topo = best.net.topology
     print(f"final topology: {topo.describe()} widths={topo.widths} params={topo.num_params}")
     print(

@@ -6,6 +6,12 @@ best ``parallel_branches`` for a cycle, keep those that reach the previous best 
 retry with untried candidates). Training itself is delegated to two callables, so the
 same policy runs in a plain loop (:mod:`lit_surgery.plain`) and in Lightning.
 
+A branch that diverges (non-finite weights, or a non-finite metric, which the drivers
+report for a non-finite training loss) is never kept and never wins: the generation falls
+back to its parents, which no cycle trains (children are new networks), and a root that
+diverges in its initial epochs to a snapshot of the untrained start network. Both are
+recorded in :class:`History` (``diverged``, ``fallbacks``).
+
 :meth:`SurgerySettings.paper` gives the reference's choices; the defaults keep the
 reference's numbers but fix its known defects (see the field docs).
 """
@@ -29,9 +35,10 @@ from lit_surgery.criteria import (
     propose,
 )
 from lit_surgery.errors import UserError
-from lit_surgery.network import SurgeryNet
+from lit_surgery.network import SurgeryNet, build
 from lit_surgery.operators import OPERATOR_CODES, Mutation, operator
 from lit_surgery.optim_state import transfer_state
+from lit_surgery.topology import Topology
 
 SCORES = ("paper", "log")
 SELECT_BY = ("accuracy", "score")
@@ -224,6 +231,12 @@ class SurgerySettings:
         return min(self.epoch_step, self.max_epochs - start)
 
 
+def is_finite(net: torch.nn.Module) -> bool:
+    """All parameters finite. Needed besides the metric: accuracy is finite-looking even
+    when NaN weights make every logit NaN (``argmax`` then picks class 0)."""
+    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
 @dataclass
 class Branch:
     """A network being trained, with what the training callables need to continue it."""
@@ -238,16 +251,23 @@ class Branch:
     score: float | None = None
     epochs: int = 0
 
+    @property
+    def diverged(self) -> bool:
+        """Its last metric is NaN: set so by the policy for non-finite weights or metrics."""
+        return self.metric is not None and math.isnan(self.metric)
+
 
 class TrainFn(Protocol):
     def __call__(self, branch: Branch, epochs: int) -> float:
         """Train ``branch.net`` in place for ``epochs`` epochs (possibly 0), updating
-        ``branch.optimizer_state``, and return the validation metric."""
+        ``branch.optimizer_state``, and return the validation metric (NaN if a training loss
+        was not finite)."""
 
 
 class ScreenFn(Protocol):
     def __call__(self, branch: Branch, batches: int) -> float:
-        """Re-train ``branch.net`` in place for ``batches`` batches and return the metric."""
+        """Re-train ``branch.net`` in place for ``batches`` batches (possibly 0) and return
+        the metric."""
 
 
 @dataclass
@@ -280,6 +300,12 @@ class History:
     genealogy: dict[int, dict[str, Any]] = field(default_factory=dict)
     epochs_trained: int = 0
     batches_screened: int = 0
+    diverged: list[dict[str, Any]] = field(default_factory=list)
+    """One entry per branch that diverged: ``branch``, ``parent``, ``generation``, ``epochs``
+    (its lineage's, when found) and ``stage`` (``training`` or ``screening``)."""
+    fallbacks: list[dict[str, Any]] = field(default_factory=list)
+    """Each time the last good networks were kept instead: ``generation``, ``kept`` (ids)
+    and ``reason``."""
 
     def node(self, branch: Branch) -> None:
         self.genealogy[branch.id] = {
@@ -299,6 +325,8 @@ class History:
             {int(k): v for k, v in data["genealogy"].items()},
             data["epochs_trained"],
             data["batches_screened"],
+            list(data.get("diverged", [])),
+            list(data.get("fallbacks", [])),
         )
 
     def to_dict(self) -> dict[str, Any]:
@@ -307,6 +335,8 @@ class History:
             "genealogy": {str(k): v for k, v in self.genealogy.items()},
             "epochs_trained": self.epochs_trained,
             "batches_screened": self.batches_screened,
+            "diverged": list(self.diverged),
+            "fallbacks": list(self.fallbacks),
         }
 
 
@@ -352,21 +382,29 @@ class Surgeon:
         self.generator = torch.Generator().manual_seed(seed)
         self.on_generation = on_generation
         self.history = History()
+        self.start: dict[str, Any] | None = None
+        """Topology and weights of the untrained root, until its initial training is over."""
         self._next_id = 0
 
     # ------------------------------------------------------------------ driving
 
     def run(self, net: SurgeryNet) -> Branch:
         """Train ``net`` and operate on it for the whole schedule; return the winner."""
+        if self.train is None:
+            raise RuntimeError("this Surgeon has no train callable; drive begin/conclude instead")
         s = self.settings
         root = self.new_root(net)
-        self._train(root, s.initial_epochs)
+        root = self.conclude_initial(root, s.initial_epochs, self.train(root, s.initial_epochs))
         branches = [root]
         for generation in range(1, s.generations + 1):
             branches = self.generation(branches, generation)
         return self.winner(branches)
 
     def winner(self, branches: list[Branch]) -> Branch:
+        """The best branch that has not diverged (the policy always keeps one)."""
+        branches = [b for b in branches if not b.diverged]
+        if not branches:
+            raise ValueError("no branch left that has not diverged")
         if self.settings.select_by == "score" and all(b.score is not None for b in branches):
             return max(branches, key=lambda b: b.score)
         return max(branches, key=lambda b: -math.inf if b.metric is None else b.metric)
@@ -382,8 +420,9 @@ class Surgeon:
                 return gen.survivors
 
     def begin(self, branches: list[Branch], number: int) -> Generation:
-        """Propose, select and screen; ``Generation.to_train`` then needs a cycle of training
-        (by the caller) before :meth:`conclude`."""
+        """Propose, select and screen; ``Generation.to_train`` (never empty) then needs a cycle
+        of training (by the caller) before :meth:`conclude`. If every screened candidate
+        diverged, unchanged copies of the parents are trained instead."""
         pool: list[tuple[Branch, Candidate]] = []
         for parent in branches:
             pool.append((parent, Candidate("B")))
@@ -398,6 +437,14 @@ class Surgeon:
             previous_best=max(b.metric for b in branches),
         )
         self._attempt(gen)
+        if not gen.to_train:
+            gen.to_train = [self._copy(gen, parent) for parent in gen.parents]
+            self._fallback(
+                gen,
+                gen.parents,
+                "every screened candidate diverged: the parents go on unchanged as "
+                + ", ".join(f"#{b.id}" for b in gen.to_train),
+            )
         return gen
 
     def conclude(self, gen: Generation, metrics: list[float]) -> bool:
@@ -411,15 +458,20 @@ class Surgeon:
             record.trained, record.metric = True, metric
         gen.trained += gen.to_train
         gen.to_train = []
-        kept = [b for b in gen.trained if b.metric >= gen.previous_best]
+        finite = [b for b in gen.trained if not b.diverged]
+        kept = [b for b in finite if b.metric >= gen.previous_best]
         s = self.settings
-        if not kept and not s.random_walk and gen.untried and gen.attempt < s.max_retries:
+        if not kept and self._can_retry(gen):
             self._attempt(gen)
-            return False
+            if gen.to_train:
+                return False
         if s.random_walk:
-            kept = list(gen.trained)
+            kept = finite
+        if not kept and finite:
+            kept = [max(finite, key=lambda b: b.metric)]
         if not kept:
-            kept = [max(gen.trained, key=lambda b: b.metric)] if gen.trained else gen.parents
+            kept = list(gen.parents)
+            self._fallback(gen, kept, "every trained branch diverged: the parents are kept")
         kept.sort(key=lambda b: b.metric, reverse=True)
         gen.survivors = kept[: s.parallel_branches]
         ids = {b.id for b in gen.survivors}
@@ -437,6 +489,7 @@ class Surgeon:
             "generator": self.generator.get_state(),
             "next_id": self._next_id,
             "history": self.history.to_dict(),
+            "start": self.start,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
@@ -445,10 +498,41 @@ class Surgeon:
         self.generator.set_state(state["generator"])
         self._next_id = state["next_id"]
         self.history = History.from_dict(state["history"])
+        self.start = state.get("start")
 
     def new_root(self, net: SurgeryNet) -> Branch:
-        """The branch that starts the lineage (before the initial epochs)."""
+        """The branch that starts the lineage (before the initial epochs). Keeps a copy of
+        ``net``: the root trains in place, and if it diverges the run restarts from it."""
+        self.start = {
+            "topology": net.topology.to_dict(),
+            "weights": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
+        }
         return self._branch(net)
+
+    def conclude_initial(self, root: Branch, epochs: int, metric: float) -> Branch:
+        """Account for the root's initial training (``epochs`` epochs that ended at
+        ``metric``) and return the first generation's parent: the root, or, if it diverged,
+        a new branch with the untrained start network (evaluated by ``screen(branch, 0)``)."""
+        self.record_training(root, epochs, metric)
+        start, self.start = self.start, None
+        if not root.diverged:
+            return root
+        if start is None:
+            raise RuntimeError(f"root #{root.id} diverged and no start network was kept")
+        net = build(Topology.from_dict(start["topology"]), like=root.net)
+        net.load_state_dict(start["weights"])
+        restored = self._branch(net)
+        restored.metric = self.screen(restored, 0)
+        self.history.node(restored)
+        self.history.fallbacks.append(
+            {
+                "generation": 0,
+                "kept": [restored.id],
+                "reason": f"root #{root.id} diverged in its initial epochs: the untrained start "
+                f"network goes on as #{restored.id}",
+            }
+        )
+        return restored
 
     def propose(self, net: SurgeryNet) -> list[Candidate]:
         s = self.settings
@@ -505,8 +589,13 @@ class Surgeon:
 
     # ------------------------------------------------------------------ internals
 
+    def _can_retry(self, gen: Generation) -> bool:
+        s = self.settings
+        return not s.random_walk and bool(gen.untried) and gen.attempt < s.max_retries
+
     def _attempt(self, gen: Generation) -> None:
-        """Select from the untried candidates, screen them, queue the survivors."""
+        """Select from the untried candidates, screen them, queue the survivors; select
+        again while every screened candidate diverged and retries are left."""
         gen.attempt += 1
         if self.settings.random_walk:
             i = self.rng.randrange(len(gen.pool))
@@ -527,15 +616,31 @@ class Surgeon:
             record.screen_metric, record.score = child.metric, child.score
             screened.append(child)
         gen.to_train = self.survivors(screened)
+        if not gen.to_train and self._can_retry(gen):
+            self._attempt(gen)
+
+    def _copy(self, gen: Generation, parent: Branch) -> Branch:
+        """An unscreened ``B`` copy of ``parent``, recorded as a candidate of ``gen``."""
+        candidate = Candidate("B")
+        child = self._child(parent, candidate, gen.number)
+        record = self._record(gen.number, parent, candidate)
+        record.attempt, record.branch = gen.attempt, child.id
+        gen.pool.append((parent, candidate))
+        gen.records.append(record)
+        self.history.node(child)
+        return child
+
+    def _fallback(self, gen: Generation, kept: list[Branch], reason: str) -> None:
+        self.history.fallbacks.append(
+            {"generation": gen.number, "kept": [b.id for b in kept], "reason": reason}
+        )
 
     def _screen(self, parent: Branch, candidate: Candidate, generation: int) -> Branch:
         child = self._child(parent, candidate, generation)
         batches = self.settings.screen_batches[candidate.op]
-        child.metric = self.screen(child, batches)
         self.history.batches_screened += batches
-        finite = all(bool(torch.isfinite(p).all()) for p in child.net.parameters())
-        metric = child.metric if finite else math.nan
-        child.score = self.score(metric, parent.metric, candidate.param_ratio)
+        self._check(child, self.screen(child, batches), "screening")
+        child.score = self.score(child.metric, parent.metric, candidate.param_ratio)
         self.history.node(child)
         return child
 
@@ -569,16 +674,29 @@ class Surgeon:
         self._next_id += 1
         return branch
 
-    def _train(self, branch: Branch, epochs: int) -> None:
-        """Initial training of the root (generations go through :meth:`conclude`)."""
-        self.record_training(branch, epochs, self.train(branch, epochs))
-
     def record_training(self, branch: Branch, epochs: int, metric: float) -> None:
         """Account for ``epochs`` of training of ``branch`` that ended at ``metric``."""
-        branch.metric = metric
         branch.epochs += epochs
         self.history.epochs_trained += epochs
+        self._check(branch, metric, "training")
         self.history.node(branch)
+
+    def _check(self, branch: Branch, metric: float, stage: str) -> None:
+        """Set ``branch.metric``: NaN, and a ``diverged`` entry, if it or the weights are not
+        finite."""
+        branch.metric = metric
+        if math.isfinite(metric) and is_finite(branch.net):
+            return
+        branch.metric = math.nan
+        self.history.diverged.append(
+            {
+                "branch": branch.id,
+                "parent": branch.parent,
+                "generation": branch.generation,
+                "epochs": branch.epochs,
+                "stage": stage,
+            }
+        )
 
     def _record(self, generation: int, parent: Branch, c: Candidate) -> CandidateRecord:
         return CandidateRecord(

@@ -1,5 +1,7 @@
 """The Lightning module and loop: surgery inside one fit, checkpoints, resume, export."""
 
+import json
+import math
 import subprocess
 import sys
 from functools import partial
@@ -172,3 +174,53 @@ def test_chunked_steps_refuse_a_gradient_scaler():
     model.trainer = trainer
     with pytest.raises(ValueError, match="does not support a gradient scaler"):
         model.setup("fit")
+
+
+def _diverging_model():
+    """lr 1e3: the root diverges in its initial epochs, and so do most children."""
+    settings = SurgerySettings(**SCHEDULE, max_retries=1)
+    return SurgeryModule(hidden=[4], surgery=settings,
+                         optimizer=partial(torch.optim.SGD, lr=1e3, momentum=0.9))
+
+
+def test_diverging_learning_rate_ends_with_a_finite_winner(tmp_path):
+    model = _diverging_model()
+    trainer = _trainer(tmp_path)
+    trainer.fit(model, SurgeryDataModule("digits"))
+    assert trainer.current_epoch == 12 and model.next_boundary is None
+    assert model.events[-1]["kind"] == "end"
+    first = model.events[0]
+    assert first["epoch"] == 3 and [d["branch"] for d in first["diverged"]] == [0]
+    (start,) = first["fallbacks"]
+    assert start["generation"] == 0 and "untrained start network" in start["reason"]
+    assert [b["branch"] for b in first["population"]] != [0]
+    diverged = [d for e in model.events for d in e["diverged"]]
+    assert diverged == model.surgeon.history.diverged
+    assert any(d["generation"] > 0 and d["stage"] == "training" for d in diverged)
+    winner = model.branches[0]
+    assert len(model.population) == 1 and model.net is winner.net
+    assert winner.id not in {d["branch"] for d in diverged}
+    assert math.isfinite(winner.metric)
+    assert all(bool(torch.isfinite(p).all()) for p in model.parameters())
+
+
+@pytest.mark.parametrize("stop", [2, 5])  # before the root's divergence is found, and after
+def test_resume_of_a_diverging_run_equals_the_uninterrupted_run(tmp_path, stop):
+    pl.seed_everything(0)
+    full = _diverging_model()
+    _trainer(tmp_path / "full").fit(full, SurgeryDataModule("digits"))
+
+    pl.seed_everything(0)
+    first = _diverging_model()
+    ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
+    _trainer(tmp_path / "a", [ckpt, StopAt(stop)]).fit(first, SurgeryDataModule("digits"))
+    resumed = _diverging_model()
+    _trainer(tmp_path / "b").fit(
+        resumed, SurgeryDataModule("digits"), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+
+    assert resumed.events == full.events
+    # NaN metrics of diverged branches: compared as JSON text
+    assert json.dumps(resumed.surgeon.history.to_dict()) == json.dumps(
+        full.surgeon.history.to_dict())
+    for a, b in zip(_params(resumed), _params(full), strict=True):
+        assert torch.equal(a, b)

@@ -1,6 +1,9 @@
 """The plain-PyTorch driver on digits: real training, real surgery."""
 
+import math
+
 import pytest
+import torch
 
 from lit_surgery.operators import GROW, SHRINK
 from lit_surgery.plain import PlainTrainer, main, run
@@ -53,3 +56,27 @@ def test_bad_trainer_arguments():
         PlainTrainer(digits(), optimizer="lbfgs")
     with pytest.raises(ValueError, match="batch_size"):
         PlainTrainer(digits(), batch_size=0)
+
+
+def test_diverging_learning_rate_ends_with_a_finite_winner_and_names_what_diverged(capsys):
+    settings = SurgerySettings(max_epochs=6, initial_epochs=2, epoch_step=2)
+    best, surgeon = run([4], settings, seed=0, lr=1e3)
+    out = capsys.readouterr().out
+    history = surgeon.history
+    assert history.diverged[0] == {
+        "branch": 0, "parent": None, "generation": 0, "epochs": 2, "stage": "training"
+    }
+    start = history.fallbacks[0]
+    assert start["generation"] == 0 and "untrained start network" in start["reason"]
+    assert any(d["generation"] > 0 and d["stage"] == "training" for d in history.diverged)
+    assert best.id not in {d["branch"] for d in history.diverged}
+    assert all(bool(torch.isfinite(p).all()) for p in best.net.parameters())
+    assert math.isfinite(best.metric)
+    assert "diverged: #0 (generation 0, training, after 2 epochs)" in out
+    assert f"kept last good [{start['kept'][0]}]: root #0 diverged" in out
+
+    main(["--hidden", "4", "--max-epochs", "4", "--initial-epochs", "2", "--epoch-step", "2",
+          "--lr", "1000"])
+    out = capsys.readouterr().out
+    assert "branches diverged and were dropped: #0" in out
+    assert "final validation accuracy: nan" not in out

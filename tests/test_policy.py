@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from lit_surgery.network import build
-from lit_surgery.policy import Branch, SettingsError, Surgeon, SurgerySettings
+from lit_surgery.policy import Branch, History, SettingsError, Surgeon, SurgerySettings
 from lit_surgery.topology import Topology
 
 
@@ -168,8 +168,8 @@ def test_fallback_keeps_best_trained_when_retries_run_out():
 
 
 def _root(surgeon, script, metric=0.9):
-    root = surgeon._branch(_net())
-    surgeon._train(root, 5)
+    root = surgeon.new_root(_net())
+    root = surgeon.conclude_initial(root, 5, script.train(root, 5))
     root.metric = metric
     return root
 
@@ -240,3 +240,131 @@ def test_paper_mode_and_default_pick_differently():
         chosen = [pool[i][1] for i in surgeon.select(pool, list(range(len(pool))))]
         picks[mode] = next(c for c in chosen if c.op == "AN")
     assert picks["paper"].amount == 10 * picks["default"].amount
+
+
+def _poison(net):
+    with torch.no_grad():
+        next(net.parameters()).fill_(math.nan)
+
+
+def _all_finite(net):
+    return all(bool(torch.isfinite(p).all()) for p in net.parameters())
+
+
+def test_branch_that_diverges_mid_cycle_is_never_kept_and_never_wins():
+    script = Script()
+    victims = []
+
+    def train_gain(branch):
+        # the first child trained in each generation gets NaN weights, yet a high metric
+        if branch.generation > 0 and branch.generation not in {b.generation for b in victims}:
+            victims.append(branch)
+            _poison(branch.net)
+            return 0.4  # 0.5 + 0.4: a finite-looking, best accuracy
+        return 0.01
+
+    script.train_gain = train_gain
+    surgeon = _surgeon(script)
+    best = surgeon.run(_net())
+    assert len(victims) == 3 and best not in victims and _all_finite(best.net)
+    assert best.metric < 0.9
+    diverged = surgeon.history.diverged
+    assert [(d["branch"], d["generation"], d["stage"]) for d in diverged] == [
+        (b.id, b.generation, "training") for b in victims
+    ]
+    assert all(d["epochs"] == b.epochs for d, b in zip(diverged, victims, strict=True))
+    kept = {r.branch for r in surgeon.history.candidates if r.kept}
+    assert kept.isdisjoint(b.id for b in victims)
+    assert all(math.isnan(b.metric) for b in victims)
+
+
+def test_every_candidate_diverging_trains_copies_of_the_untouched_parents():
+    def screen(branch):  # every screened candidate, B included, gets NaN weights
+        _poison(branch.net)
+        return 0.9
+
+    script = Script(screen_metric=screen)
+    surgeon = _surgeon(script, max_epochs=15, epoch_step=10, max_retries=1)
+    parent = _root(surgeon, script)
+    weights = [p.clone() for p in parent.net.parameters()]
+    gen = surgeon.begin([parent], 1)
+    assert gen.attempt == 1  # screened again before giving up
+    assert [b.change.op for b in gen.to_train] == ["B"]  # never empty: the parent goes on
+    (copy,) = gen.to_train
+    assert copy.id != parent.id and copy.net is not parent.net and copy.parent == parent.id
+    assert surgeon.history.fallbacks == [
+        {"generation": 1, "kept": [parent.id], "reason": "every screened candidate diverged: "
+         f"the parents go on unchanged as #{copy.id}"}
+    ]
+    screened = [d for d in surgeon.history.diverged if d["stage"] == "screening"]
+    assert screened and all(d["generation"] == 1 for d in screened)
+
+    # the copy diverges during its cycle: the generation keeps the untouched parent
+    _poison(copy.net)
+    assert surgeon.conclude(gen, [0.99])
+    assert gen.survivors == [parent]
+    assert all(torch.equal(a, b) for a, b in zip(parent.net.parameters(), weights, strict=True))
+    assert surgeon.history.diverged[-1] == {
+        "branch": copy.id, "parent": parent.id, "generation": 1, "epochs": 15,
+        "stage": "training",
+    }
+    assert surgeon.history.fallbacks[-1] == {
+        "generation": 1, "kept": [parent.id],
+        "reason": "every trained branch diverged: the parents are kept",
+    }
+    assert surgeon.winner(gen.survivors) is parent
+
+
+def test_root_that_diverges_in_its_initial_epochs_restarts_from_the_untrained_start():
+    def poison_trained(branch, batches):
+        if batches:
+            _poison(branch.net)
+        return 0.3
+
+    script = Script(train_gain=0.2)
+    script.screen = poison_trained
+    train = script.train
+
+    def train_and_poison(branch, epochs):
+        if epochs:
+            _poison(branch.net)
+        return train(branch, epochs)
+
+    net = _net()
+    start = [p.clone() for p in net.parameters()]
+    surgeon = Surgeon(
+        SurgerySettings(max_epochs=25, initial_epochs=5, epoch_step=10),
+        train_and_poison, poison_trained,
+    )
+    best = surgeon.run(net)
+    assert _all_finite(best.net)
+    assert all(torch.equal(a, b) for a, b in zip(best.net.parameters(), start, strict=True))
+    assert best.parent is None and best.epochs == 0 and best.metric == 0.3
+    history = surgeon.history
+    assert history.diverged[0] == {
+        "branch": 0, "parent": None, "generation": 0, "epochs": 5, "stage": "training"
+    }
+    assert history.fallbacks[0]["generation"] == 0 and history.fallbacks[0]["kept"] == [best.id]
+    assert "untrained start network" in history.fallbacks[0]["reason"]
+    assert {f["generation"] for f in history.fallbacks} == {0, 1, 2}
+    assert surgeon.start is None  # only kept until the initial training is over
+    again = History.from_dict(json.loads(json.dumps(history.to_dict())))
+    assert (again.diverged, again.fallbacks) == (history.diverged, history.fallbacks)
+
+
+def test_start_network_is_part_of_the_surgeon_state():
+    surgeon = _surgeon(Script())
+    net = _net()
+    surgeon.new_root(net)
+    other = _surgeon(Script())
+    other.load_state_dict(surgeon.state_dict())
+    assert other.start["topology"] == net.topology.to_dict()
+    for k, v in net.state_dict().items():
+        assert torch.equal(other.start["weights"][k], v)
+
+
+def test_winner_ignores_diverged_branches():
+    a = Branch(0, None, metric=math.nan, score=0.9)
+    b = Branch(1, None, metric=0.5, score=0.1)
+    assert _surgeon(Script()).winner([a, b]) is b
+    assert _surgeon(Script(), select_by="score").winner([a, b]) is b
