@@ -6,8 +6,8 @@ optimiser state between cycles (carried across surgery by the policy).
 
 from __future__ import annotations
 
-import argparse
 import math
+import sys
 import time
 from collections.abc import Sequence
 
@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_surgery.data import TensorBatches, TensorSplits, digits, random_batches
+from lit_surgery.errors import ArgParser, run_command
 from lit_surgery.network import SurgeryNet, build
 from lit_surgery.policy import Branch, CandidateRecord, Surgeon, SurgerySettings
 from lit_surgery.topology import Topology
@@ -175,7 +176,7 @@ def run(
 
 
 def main(argv: Sequence[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(
+    parser = ArgParser(
         prog="lit-surgery plain", description="Neural network surgery on digits, plain PyTorch."
     )
     parser.add_argument("--hidden", type=int, nargs="+", default=[4], help="start widths")
@@ -222,4 +223,4 @@ def main(argv: Sequence[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    run_command("lit-surgery plain", main, sys.argv[1:])

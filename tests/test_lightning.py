@@ -1,9 +1,7 @@
-"""The Lightning module and loop: surgery inside one fit, checkpoints, resume, export."""
+"""The Lightning module and loop: surgery inside one fit, checkpoints, resume."""
 
 import json
 import math
-import subprocess
-import sys
 from functools import partial
 
 import lightning.pytorch as pl
@@ -12,7 +10,6 @@ import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_surgery.data import SurgeryDataModule
-from lit_surgery.lightning_cli import export
 from lit_surgery.loop import SurgeryFitLoop, attach
 from lit_surgery.module import CheckpointError, SurgeryModule
 from lit_surgery.policy import SurgerySettings
@@ -110,23 +107,6 @@ def test_checkpoint_not_ours_or_wrong_version_is_a_clear_error(tmp_path):
     state["version"] = 99
     with pytest.raises(CheckpointError, match="version 99"):
         model.on_load_checkpoint({"surgery": state})
-
-
-def test_exported_model_loads_without_lit_surgery(tmp_path):
-    model = _model(input_size=64, num_classes=10)
-    path = export(model, tmp_path)
-    x = torch.randn(3, 64)
-    torch.save(x, tmp_path / "x.pt")
-    expected = model(x)
-    code = (
-        "import sys, torch\n"
-        "sys.modules['lit_surgery'] = None  # importing it would fail\n"
-        f"net = torch.load({str(path)!r}, weights_only=False)\n"
-        f"x = torch.load({str(tmp_path / 'x.pt')!r})\n"
-        f"torch.save(net(x), {str(tmp_path / 'y.pt')!r})\n"
-    )
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=tmp_path)
-    assert torch.equal(torch.load(tmp_path / "y.pt"), expected)
 
 
 def test_chunked_steps_train_exactly_like_single_batches(tmp_path):
