@@ -19,11 +19,14 @@ $(VENV)/.installed: pyproject.toml
 train: setup
 	$(PY) train.py fit --config configs/digits.yaml
 
+# Fashion-MNIST comes from Debian's dataset-fashion-mnist (.ci/fashion-mnist.sh installs it
+# with apt if missing), so the real-data test runs without a download.
 # The distributed tuning tests need a PostgreSQL server: .ci/postgres.sh installs
 # PostgreSQL (apt) if missing and starts one on 127.0.0.1, unless LIT_SURGERY_TEST_POSTGRES
 # already names one. It is stopped again after the tests.
 test: setup
 	$(VENV)/bin/ruff check .
+	bash .ci/fashion-mnist.sh
 	@if [ -n "$$LIT_SURGERY_TEST_POSTGRES" ]; then \
 	  $(PY) -m pytest -q; \
 	else \
