@@ -3,7 +3,7 @@
 For every hidden layer the singular values of its incoming or outgoing weight matrix
 (``sv_source``; the reference uses outgoing) give the number of *removable* units ``r``:
 those below an absolute threshold or below a relative threshold times the largest. A layer
-with few removable units should grow; one with many should shrink (SURGERY.md, "The
+with few removable units should grow; one with many should shrink (docs/METHOD.md, "The
 criterion"). Computed on the weights' own device.
 """
 

@@ -4,7 +4,7 @@ At each generation boundary the module operates (:meth:`SurgeryModule.operate`);
 population changed, the loop puts the bare module back as the strategy's model, moves it
 to the device, wraps it in a fresh DDP wrapper (without that DDP silently stops
 synchronising new parameters), rebuilds the optimiser and scheduler, and loads the
-optimiser state that the surviving parameters carried over. See LIGHTNING-NOTES.md.
+optimiser state that the surviving parameters carried over. See docs/METHOD.md.
 """
 
 from __future__ import annotations

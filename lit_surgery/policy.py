@@ -1,4 +1,4 @@
-"""The evolutionary policy of SURGERY.md, independent of any training framework.
+"""The evolutionary policy (docs/METHOD.md), independent of any training framework.
 
 :class:`Surgeon` runs generations: propose candidates from the SVD criteria, select some
 per type (plus a random one), screen each with a short re-training, score them, train the
