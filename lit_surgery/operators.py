@@ -42,7 +42,9 @@ GROW = frozenset({"AN", "AL"})
 SHRINK = frozenset({"RL", "OL", "T"})
 
 Index = tuple[int, ...]
-"""Indices into one dimension of an old parameter; ``-1`` marks a new slice."""
+"""Indices into one dimension of an old parameter (repeated for the copies of a split unit)."""
+Scale = tuple[float, ...]
+"""One factor per position along one dimension of a new parameter."""
 
 
 class OperatorError(ValueError):
@@ -52,10 +54,17 @@ class OperatorError(ValueError):
 @dataclass(frozen=True)
 class Source:
     """A new parameter continues old parameter ``param`` (its position), sliced by ``index``
-    (one entry per dimension; ``None`` keeps the dimension whole)."""
+    (one entry per dimension; ``None`` keeps the dimension whole).
+
+    ``scale`` (one entry per dimension; ``None`` or missing: all ones) multiplies the slice:
+    position ``j`` of dimension ``d`` was multiplied by ``scale[d][j]``. Only ``AN`` has
+    factors other than 1 (the shares of split units); optimiser momentum follows them
+    (:func:`add_neurons` says why).
+    """
 
     param: int
     index: tuple[Index | None, ...]
+    scale: tuple[Scale | None, ...] = ()
 
 
 ParamMap = tuple[Source | None, ...]
@@ -72,13 +81,15 @@ class Mutation:
 
 @dataclass(frozen=True)
 class _LayerSource:
-    """New layer continues old layer ``old``; rows/cols as in :class:`Source`."""
+    """New layer continues old layer ``old``; rows/cols and their scales as in :class:`Source`."""
 
     old: int
     rows: Index | None = None
     cols: Index | None = None
     weight: bool = True
     bias: bool = True
+    row_scale: Scale | None = None
+    col_scale: Scale | None = None
 
 
 @dataclass
@@ -120,9 +131,11 @@ def _param_map(old: Topology, new: Topology, sources: Sequence[_LayerSource | No
         if src is None or key not in old_pos or not getattr(src, kind):
             result.append(None)
         elif kind == "weight":
-            result.append(Source(old_pos[key], (src.rows, src.cols)))
+            result.append(
+                Source(old_pos[key], (src.rows, src.cols), (src.row_scale, src.col_scale))
+            )
         else:
-            result.append(Source(old_pos[key], (src.rows,)))
+            result.append(Source(old_pos[key], (src.rows,), (src.row_scale,)))
     return tuple(result)
 
 
@@ -170,6 +183,32 @@ def add_neurons(
 
     Which units are split is drawn from ``generator``. ``split="asymmetric"`` gives each
     copy a different share (drawn from [0.5, 1.5], normalised); ``"equal"`` gives 1/m.
+    Copy ``c`` of unit ``p`` gets share ``a_c`` of one side and a plain copy of the other:
+    incoming split ``(a_c w_p, a_c b_p | v_p)``, outgoing split ``(w_p, b_p | a_c v_p)``.
+
+    Optimiser state (``param_map``): every copy, the first included, continues its parent
+    with the parent's momentum and Adam moments, and the first moments (SGD's momentum,
+    Adam's ``exp_avg``) are split like the weights: times ``a_c`` on the scaled side, copied
+    on the other; averages of squared gradients (``exp_avg_sq``) and ``step`` are copied.
+    Why: the momentum is the optimiser's velocity. Split like the weights, the part of the
+    next update that comes from it is exactly the split of the parent's (SGD ``lr mu a_c
+    m_p``; Adam ``a_c m/sqrt(v)``, as ``v`` is copied), so a step on the carried state alone
+    leaves the child computing what the parent computes after the same step (tested):
+    function preservation holds through the optimiser's memory, not only at the split.
+    (The copies' own gradients scale the other way, ``a_c`` on the copied side, so these
+    are not the moments their own optimiser would have gathered; it is the velocity that
+    the next update uses.) Copying the momentum to every copy instead would move each
+    copy's incoming weights by the parent's whole step on an incoming split, so the widened
+    unit would move as many times as far as it has copies; the fresh gradients already do
+    that (each copy's incoming gradient is the parent's whole gradient, ``phi'(a z) =
+    phi'(z)``), and carried momentum would add to the jolt (copied moments gave a higher
+    loss in the first steps after a split than split ones on digits). Symmetry: the
+    copies' momenta are proportional to their weights; what breaks the symmetry is their
+    gradients, which differ with unequal shares (an incoming split's outgoing gradients are
+    ``a_c`` times the parent's). With ``split="equal"`` copies have equal weights, momenta
+    and gradients and stay copies: the reference's defect is reproduced, not hidden by the
+    optimiser (as it was when only the first copy kept the parent's state and the others
+    started at 0).
     """
     if split not in ("asymmetric", "equal"):
         raise OperatorError(f"AN: split must be 'asymmetric' or 'equal', got {split!r}")
@@ -202,10 +241,13 @@ def add_neurons(
     )
     weights[layer + 1] = (w_next[:, parent_d] * scale_out[None, :], b_next)
 
-    carried: Index = tuple(range(n)) + (-1,) * amount
+    carried: Index = tuple(parent.tolist())  # every copy continues its parent unit
+    shares: Scale = tuple(share.tolist())
     sources = _identity_sources(topo.depth + 1)
-    sources[layer] = _LayerSource(layer, rows=carried)
-    sources[layer + 1] = _LayerSource(layer + 1, cols=carried)
+    sources[layer] = _LayerSource(layer, rows=carried, row_scale=shares if incoming else None)
+    sources[layer + 1] = _LayerSource(
+        layer + 1, cols=carried, col_scale=None if incoming else shares
+    )
     return _finish(net, _Plan(new_topo, weights, sources))
 
 

@@ -2,8 +2,11 @@
 
 The reference re-creates the optimiser after every change, throwing away momentum and
 Adam's moments. Here a surviving parameter keeps its state: the operator's parameter map
-says which slice of which old parameter each new one continues; new slices start at zero.
-Works on ``optimizer.state_dict()`` data, so it is independent of the optimiser class.
+says which slice of which old parameter each new one continues and by which factors it was
+scaled (only the copies of a split unit, see :func:`lit_surgery.operators.add_neurons`);
+parameters with no source start fresh. Works on ``optimizer.state_dict()`` data: every
+state tensor shaped like its parameter is sliced, and scaled like the parameter unless it
+is an average of squared gradients (:data:`SQUARED`).
 """
 
 from __future__ import annotations
@@ -16,18 +19,24 @@ from torch import Tensor
 
 from lit_surgery.operators import ParamMap, Source
 
+SQUARED = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
+"""State keys that average squared gradients (Adam, AMSGrad, RMSprop, Adadelta, Adagrad):
+they set the step size, not its direction, so the slices are copied unscaled (an Adam
+step from the carried state is then the parent's, scaled like the weights)."""
 
-def _remap(value: Tensor, index: tuple[tuple[int, ...] | None, ...]) -> Tensor:
-    """Gather ``value`` along each dimension; index ``-1`` gives a zero slice."""
-    for dim, idx in enumerate(index):
-        if idx is None:
-            continue
-        pad_shape = list(value.shape)
-        pad_shape[dim] = 1
-        padded = torch.cat([value, value.new_zeros(pad_shape)], dim=dim)
-        where = torch.tensor(idx, dtype=torch.long, device=value.device)
-        where = torch.where(where < 0, value.shape[dim], where)
-        value = padded.index_select(dim, where)
+
+def _remap(value: Tensor, source: Source, scaled: bool) -> Tensor:
+    """Gather ``value`` along each dimension, then multiply it by ``source.scale`` if
+    ``scaled``."""
+    for dim, idx in enumerate(source.index):
+        if idx is not None:
+            where = torch.tensor(idx, dtype=torch.long, device=value.device)
+            value = value.index_select(dim, where)
+    for dim, scale in enumerate(source.scale if scaled else ()):
+        if scale is not None:
+            shape = [1] * value.dim()
+            shape[dim] = -1
+            value = value * torch.tensor(scale, dtype=value.dtype, device=value.device).view(shape)
     return value
 
 
@@ -35,7 +44,8 @@ def _carry(entry: dict[str, Any], source: Source, old_shape: torch.Size | None) 
     new: dict[str, Any] = {}
     for key, value in entry.items():
         if isinstance(value, Tensor) and value.dim() > 0 and value.shape == old_shape:
-            new[key] = _remap(value, source.index).clone()  # never share with the parent
+            scaled = key not in SQUARED
+            new[key] = _remap(value, source, scaled).clone()  # never share with the parent
         else:  # step counters and other per-parameter scalars
             new[key] = copy.deepcopy(value)
     return new

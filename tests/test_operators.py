@@ -4,7 +4,12 @@ Each operator's documented bound is checked over many random small networks:
 B, AL, AN, RL (linear layer) and OL (linear, low-rank layer) keep the function up to
 rounding; T's weight change is exactly the Eckart-Young bound. Every operator keeps the
 input network untouched, reports a parameter map consistent with the old and new
-parameters, and rejects what it cannot do with an OperatorError.
+parameters (each carried parameter is its source's slice times the map's factors; where the
+function is kept, a parameter carried whole has its old gradient), and rejects what it
+cannot do with an OperatorError.
+
+Example counts come from the Hypothesis profile (tests/conftest.py): 50 per property by
+default, 1000 with HYPOTHESIS_PROFILE=ci (200 for the rejections of bad arguments).
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ import re
 
 import pytest
 import torch
-from hypothesis import HealthCheck, assume, given, settings
+from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
 from lit_surgery.network import SurgeryNet, build
@@ -21,6 +26,7 @@ from lit_surgery.operators import (
     OPERATOR_CODES,
     Mutation,
     OperatorError,
+    Source,
     add_layer,
     add_neurons,
     base,
@@ -34,13 +40,10 @@ from lit_surgery.topology import NON_NEGATIVE, POSITIVELY_HOMOGENEOUS, Layer, To
 ALL_ACTS = ("relu", "leaky_relu", "linear", "tanh", "sigmoid", "gelu")
 BASIC_ACTS = ("relu", "leaky_relu", "linear", "tanh")
 REL = 1e-5  # relative bound on the output change of the exact operators
-
-SETTINGS = settings(
-    max_examples=50,
-    deadline=None,
-    suppress_health_check=[HealthCheck.too_slow],
-)
-FEW = settings(SETTINGS, max_examples=30)
+GRAD_REL = 1e-8  # the same for the gradients of parameters carried whole (float64 only)
+# Rejections of bad arguments: a fifth of the profile's examples (at least 50); every other
+# property runs the profile's full count (1000 under HYPOTHESIS_PROFILE=ci).
+ERROR_PATHS = settings(max_examples=max(50, settings().max_examples // 5))
 
 # --------------------------------------------------------------------------- strategies
 
@@ -115,7 +118,7 @@ def check_mutation(
     assert all(p.dtype == old_params[0].dtype for p in new_params)
     # The input network is not touched.
     assert_bit_identical(old, before)
-    # The parameter map: one entry per new parameter, each slice consistent.
+    # The parameter map: one entry per new parameter, each slice and factor consistent.
     assert len(mutation.param_map) == len(new_params)
     for i, (src, p) in enumerate(zip(mutation.param_map, new_params, strict=True)):
         if src is None:
@@ -123,26 +126,20 @@ def check_mutation(
         assert 0 <= src.param < len(old_params), f"param {i}: source {src.param} out of range"
         o = old_params[src.param].detach()
         assert o.dim() == p.dim(), f"param {i}: {tuple(o.shape)} -> {tuple(p.shape)}"
-        assert len(src.index) <= o.dim()
-        sliced = o
-        whole = True
+        assert len(src.index) <= o.dim() and len(src.scale) <= o.dim()
         for d in range(o.dim()):
             idx = src.index[d] if d < len(src.index) else None
             if idx is None:
                 assert p.shape[d] == o.shape[d], f"param {i} dim {d}: whole dim, sizes differ"
-                continue
-            whole = False
-            assert len(idx) == p.shape[d], f"param {i} dim {d}: {len(idx)} != {p.shape[d]}"
-            kept = [j for j in idx if j != -1]
-            assert all(0 <= j < o.shape[d] for j in kept), f"param {i} dim {d}: bad index"
-            sliced = sliced.index_select(d, torch.tensor(kept, dtype=torch.long))
-            assert sliced.shape[d] == len(kept)
-        for d in range(o.dim()):
-            idx = src.index[d] if d < len(src.index) else None
-            expected = p.shape[d] if idx is None else sum(1 for j in idx if j != -1)
-            assert sliced.shape[d] == expected
-        if whole and carried_exact:
-            assert torch.equal(p.detach(), o), f"carried param {i} differs from its source"
+            else:
+                assert len(idx) == p.shape[d], f"param {i} dim {d}: {len(idx)} != {p.shape[d]}"
+                assert all(0 <= j < o.shape[d] for j in idx), f"param {i} dim {d}: bad index"
+            scale = src.scale[d] if d < len(src.scale) else None
+            if scale is not None:
+                assert len(scale) == p.shape[d], f"param {i} dim {d}: {len(scale)} factors"
+                assert all(0.0 < f <= 1.0 for f in scale), f"param {i} dim {d}: {scale}"
+        if carried_exact:
+            assert torch.equal(p.detach(), mapped(o, src)), f"param {i} is not its mapped source"
     # The new network owns its parameters: changing it leaves the old one alone.
     saved = [p.detach().clone() for p in new_params]
     with torch.no_grad():
@@ -152,6 +149,44 @@ def check_mutation(
     with torch.no_grad():
         for p, value in zip(new_params, saved, strict=True):
             p.copy_(value)
+
+
+def mapped(old: torch.Tensor, src: Source) -> torch.Tensor:
+    """What the map says a carried parameter is: the old one, sliced, times the factors."""
+    out = old
+    for d, idx in enumerate(src.index):
+        if idx is not None:
+            out = out[(slice(None),) * d + (list(idx),)]
+    for d, scale in enumerate(src.scale):
+        if scale is not None:
+            shape = [1] * out.dim()
+            shape[d] = -1
+            out = out * torch.tensor(scale, dtype=out.dtype).view(shape)
+    return out
+
+
+def assert_gradients_follow_map(old: SurgeryNet, mutation: Mutation, seed: int) -> None:
+    """Where the function is kept, a parameter carried whole (no slicing, no factors) has
+    the gradient of its source, so its optimiser state stays valid as it is. Only for
+    float64 networks, unless the copy is bit-exact: in float32 a pre-activation within
+    rounding of 0 may take the other side of a ReLU."""
+    new = mutation.net
+    gen = torch.Generator().manual_seed(seed + 11)
+    dtype = next(old.parameters()).dtype
+    x = torch.randn(16, old.topology.input_size, generator=gen, dtype=dtype)
+    y = torch.randn(16, old.topology.output_size, generator=gen, dtype=dtype)
+    grads = []
+    for net in (old, new):
+        net.zero_grad()
+        torch.nn.functional.mse_loss(net(x), y).backward()
+        grads.append([p.grad.detach().clone() for p in net.parameters()])
+        net.zero_grad()
+    old_grads, new_grads = grads
+    bound = GRAD_REL * (1.0 + max(g.abs().max().item() for g in old_grads))
+    for i, (src, got) in enumerate(zip(mutation.param_map, new_grads, strict=True)):
+        if src is not None and all(d is None for d in src.index + src.scale):
+            diff = (got - old_grads[src.param]).abs().max().item()
+            assert diff <= bound, f"param {i}: gradient off the map by {diff:.3g} > {bound:.3g}"
 
 
 def with_activation(topology: Topology, layer: int, activation: str) -> Topology:
@@ -164,7 +199,6 @@ def with_activation(topology: Topology, layer: int, activation: str) -> Topology
 # --------------------------------------------------------------------------- B
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS), seeds, dtypes)
 def test_base_is_exact_copy(topo, seed, dtype):
     net = make_net(topo, seed, dtype)
@@ -174,6 +208,7 @@ def test_base_is_exact_copy(topo, seed, dtype):
     assert_same_function(net, m.net, make_inputs(topo, seed, dtype), rel=0.0)
     check_mutation(net, before, m)
     assert all(src is not None for src in m.param_map)
+    assert_gradients_follow_map(net, m, seed)
     m2 = base(net)
     for p, q in zip(net.parameters(), m2.net.parameters(), strict=True):
         assert torch.equal(p, q)
@@ -183,7 +218,6 @@ def test_base_is_exact_copy(topo, seed, dtype):
 # --------------------------------------------------------------------------- AL
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS), seeds, dtypes, st.data())
 def test_add_layer_linear_is_exact(topo, seed, dtype, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
@@ -200,23 +234,35 @@ def test_add_layer_linear_is_exact(topo, seed, dtype, data):
     # The inserted layer's parameters are new.
     weight_pos = sum(1 + h.bias for h in new_topo.hidden[: layer + 1])
     assert m.param_map[weight_pos] is None
+    if dtype == torch.float64:
+        assert_gradients_follow_map(net, m, seed)
 
 
-@SETTINGS
-@given(topologies(ALL_ACTS), seeds, dtypes, st.data())
-def test_add_layer_relu(topo, seed, dtype, data):
+@given(topologies(ALL_ACTS), seeds, dtypes, st.sampled_from(sorted(NON_NEGATIVE)), st.data())
+def test_add_layer_relu_after_non_negative_layer_is_exact(topo, seed, dtype, activation, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
+    topo = with_activation(topo, layer, activation)
     net = make_net(topo, seed, dtype)
     before = snapshot(net)
-    if topo.hidden[layer].activation not in NON_NEGATIVE:
-        with pytest.raises(OperatorError):
-            operator("AL").apply(net, layer, activation="relu")
-        assert_bit_identical(net, before)
-        return
-    m = add_layer(net, layer, "relu")
+    m = operator("AL").apply(net, layer, activation="relu")
     assert m.net.topology.hidden[layer + 1].activation == "relu"
     assert_same_function(net, m.net, make_inputs(topo, seed, dtype))
     check_mutation(net, before, m)
+    if dtype == torch.float64:
+        assert_gradients_follow_map(net, m, seed)
+
+
+@ERROR_PATHS
+@given(topologies(ALL_ACTS), seeds, st.data())
+def test_add_layer_relu_after_signed_layer_leaves_input_alone(topo, seed, data):
+    layer = data.draw(st.integers(0, topo.depth - 1))
+    signed = sorted(set(ALL_ACTS) - NON_NEGATIVE)
+    topo = with_activation(topo, layer, data.draw(st.sampled_from(signed)))
+    net = make_net(topo, seed)
+    before = snapshot(net)
+    with pytest.raises(OperatorError):
+        add_layer(net, layer, "relu")
+    assert_bit_identical(net, before)
 
 
 @pytest.mark.parametrize("activation", ["tanh", "linear", "leaky_relu", "gelu"])
@@ -236,7 +282,6 @@ def test_add_layer_unsupported_activation_raises(activation):
 # --------------------------------------------------------------------------- AN
 
 
-@SETTINGS
 @given(
     topologies(ALL_ACTS),
     seeds,
@@ -260,15 +305,11 @@ def test_add_neurons_is_exact(topo, seed, dtype, split, data):
     assert new_topo.hidden[layer].bias == topo.hidden[layer].bias
     assert_same_function(net, m.net, make_inputs(topo, seed, dtype))
     check_mutation(net, before, m, carried_exact=True)
-    # The widened layer's rows (and the next layer's columns) continue the old units in
-    # order; the added units are new (-1).
-    carried = tuple(range(width)) + (-1,) * amount
-    weight_pos = sum(1 + h.bias for h in topo.hidden[:layer])
-    assert m.param_map[weight_pos].index == (carried, None)
-    if topo.hidden[layer].bias:
-        assert m.param_map[weight_pos + 1].index == (carried,)
-    next_pos = weight_pos + 1 + topo.hidden[layer].bias
-    assert m.param_map[next_pos].index == (None, carried)
+    check_split_map(net, m, layer, split)
+    incoming = topo.hidden[layer].activation in POSITIVELY_HOMOGENEOUS
+    event(f"{split} split, {'incoming' if incoming else 'outgoing'} side")
+    if dtype == torch.float64:
+        assert_gradients_follow_map(net, m, seed)
 
     # Same generator seed: the same result.
     m2 = add_neurons(net, layer, amount, split=split, generator=torch.Generator().manual_seed(seed))
@@ -284,6 +325,35 @@ def test_add_neurons_is_exact(topo, seed, dtype, split, data):
         # The reference defect: each new unit is an exact copy of one old unit.
         for j in range(width, width + amount):
             assert same[j, :width].any(), f"equal split: unit {j} copies no old unit"
+
+
+def check_split_map(old: SurgeryNet, m: Mutation, layer: int, split: str) -> None:
+    """AN's map: every copy, the first included, continues its parent unit, and the shares
+    are the factors of the side that was scaled (check_mutation: the weights are these)."""
+    topo, width = old.topology, old.topology.hidden[layer].width
+    weight_pos = sum(1 + h.bias for h in topo.hidden[:layer])
+    next_pos = weight_pos + 1 + topo.hidden[layer].bias
+    rows, cols = m.param_map[weight_pos], m.param_map[next_pos]
+    parent = rows.index[0]
+    assert rows.index == (parent, None) and cols.index == (None, parent)
+    assert parent[:width] == tuple(range(width))
+    copies = torch.bincount(torch.tensor(parent), minlength=width)
+    assert copies.max() - copies.min() <= 1, "copies are not spread evenly over the units"
+    incoming = topo.hidden[layer].activation in POSITIVELY_HOMOGENEOUS
+    if incoming:
+        shares = rows.scale[0]
+        assert rows.scale == (shares, None) and cols.scale == (None, None)
+    else:
+        shares = cols.scale[1]
+        assert rows.scale == (None, None) and cols.scale == (None, shares)
+    if topo.hidden[layer].bias:
+        assert m.param_map[weight_pos + 1].index == (parent,)
+        assert m.param_map[weight_pos + 1].scale == (rows.scale[0],)
+    share = torch.tensor(shares, dtype=torch.float64)
+    totals = torch.zeros(width, dtype=torch.float64).index_add_(0, torch.tensor(parent), share)
+    assert torch.allclose(totals, torch.ones_like(totals), rtol=0, atol=1e-12)
+    if split == "equal":
+        assert torch.allclose(share, 1.0 / copies[list(parent)].double(), rtol=1e-15, atol=0)
 
 
 def unit_vectors(net: SurgeryNet, layer: int, grad: bool = False) -> torch.Tensor:
@@ -306,7 +376,6 @@ def pairwise_equal(v: torch.Tensor) -> torch.Tensor:
     return eq
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS), seeds, st.sampled_from(["asymmetric", "equal"]), st.data())
 def test_add_neurons_split_copies_get_different_gradients(topo, seed, split, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
@@ -387,7 +456,6 @@ def test_add_neurons_split_side_matches_activation():
 # --------------------------------------------------------------------------- RL
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS, min_depth=2), seeds, dtypes, st.data())
 def test_remove_linear_layer_is_exact(topo, seed, dtype, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
@@ -404,9 +472,10 @@ def test_remove_linear_layer_is_exact(topo, seed, dtype, data):
         assert merged.bias == (nxt.bias or topo.hidden[layer].bias)
     assert_same_function(net, m.net, make_inputs(topo, seed, dtype))
     check_mutation(net, before, m)
+    if dtype == torch.float64:
+        assert_gradients_follow_map(net, m, seed)
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS, min_depth=2), seeds, st.data())
 def test_remove_nonlinear_layer(topo, seed, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
@@ -456,7 +525,6 @@ def test_remove_layer_non_finite_merge_is_reinitialised():
 # --------------------------------------------------------------------------- OL
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS), seeds, st.booleans(), st.data())
 def test_remove_neurons_exact_for_low_rank_linear_layer(topo, seed, layer_bias, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
@@ -483,9 +551,9 @@ def test_remove_neurons_exact_for_low_rank_linear_layer(topo, seed, layer_bias, 
     assert new_topo.widths[layer] == width - amount
     assert_same_function(net, m.net, make_inputs(topo, seed, torch.float64))
     check_mutation(net, before, m, carried_exact=not layer_bias)
+    assert_gradients_follow_map(net, m, seed)
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS), seeds, st.data())
 def test_remove_neurons_keeps_top_directions(topo, seed, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
@@ -509,7 +577,7 @@ def test_remove_neurons_keeps_top_directions(topo, seed, data):
     assert torch.allclose(s_new[:n], s_old[:n], rtol=1e-9, atol=1e-12)
 
 
-@SETTINGS
+@ERROR_PATHS
 @given(topologies(ALL_ACTS), seeds, st.data())
 def test_remove_neurons_amount_bounds(topo, seed, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
@@ -528,7 +596,6 @@ def test_remove_neurons_amount_bounds(topo, seed, data):
 # --------------------------------------------------------------------------- T
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS), seeds, st.data())
 def test_truncate_error_is_eckart_young(topo, seed, data):
     candidates = [i for i, h in enumerate(topo.hidden) if min(h.width, topo.fan_in(i)) >= 2]
@@ -563,7 +630,6 @@ def test_truncate_error_is_eckart_young(topo, seed, data):
         assert torch.equal(m.net.linear(layer + 1).bias, net.linear(layer).bias)
 
 
-@SETTINGS
 @given(topologies(ALL_ACTS), seeds, st.data())
 def test_truncate_exact_for_low_rank_weight(topo, seed, data):
     candidates = [i for i, h in enumerate(topo.hidden) if min(h.width, topo.fan_in(i)) >= 2]
@@ -579,12 +645,15 @@ def test_truncate_exact_for_low_rank_weight(topo, seed, data):
         a = torch.randn(old.width, k, generator=gen, dtype=torch.float64)
         b = torch.randn(k, topo.fan_in(layer), generator=gen, dtype=torch.float64)
         net.linear(layer).weight.copy_(a @ b)
+    before = snapshot(net)
     m = truncate(net, layer, old.width - rank)
     assert m.error <= 1e-9 * (1 + torch.linalg.matrix_norm(net.linear(layer).weight).item())
     assert_same_function(net, m.net, make_inputs(topo, seed, torch.float64))
+    check_mutation(net, before, m)
+    assert_gradients_follow_map(net, m, seed)
 
 
-@SETTINGS
+@ERROR_PATHS
 @given(topologies(ALL_ACTS), seeds, st.data())
 def test_truncate_amount_bounds(topo, seed, data):
     layer = data.draw(st.integers(0, topo.depth - 1))
@@ -621,7 +690,7 @@ def _apply(code: str, net: SurgeryNet, layer: int) -> Mutation:
     return op.apply(net, layer)
 
 
-@FEW
+@ERROR_PATHS
 @given(
     topologies(ALL_ACTS),
     seeds,
@@ -652,7 +721,6 @@ def test_operator_error_is_value_error():
 # --------------------------------------------------------------------------- all operators
 
 
-@FEW
 @given(topologies(ALL_ACTS), seeds, dtypes, st.sampled_from(OPERATOR_CODES), st.data())
 def test_every_operator_structure(topo, seed, dtype, code, data):
     """num_params, untouched input, param map, for whatever each operator can build."""
