@@ -8,6 +8,14 @@ the study's pruner can stop it. The study lives in an Optuna storage: a local SQ
 default, any RDB URL (PostgreSQL, MySQL) for several workers on one study; heartbeats mark a
 killed worker's trial failed (and can re-queue it). Re-running the command resumes the
 study. The chosen trial is exported as a training config YAML.
+
+Workers may start together on an empty database: creating Optuna's schema there is a race
+that all but one worker lose with "already exists" or a unique violation, so the storage is
+opened again after a short random pause while that is the error (:func:`open_storage`).
+Optuna itself loads a study that another worker created first. A worker that runs to the
+study's target with heartbeat retries on stays while any trial is still running anywhere:
+a killed worker's trial is failed once its heartbeat is stale and its retry runs in a
+worker that is still there (:func:`run_study`).
 """
 
 from __future__ import annotations
@@ -17,13 +25,14 @@ import importlib.util
 import logging
 import math
 import os
+import random
 import socket
 import sys
 import time
 import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import lightning.pytorch as pl
 import optuna
@@ -36,6 +45,7 @@ from optuna.storages import BaseStorage, InMemoryStorage, RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
+from sqlalchemy.exc import DBAPIError
 
 from lit_surgery.lightning_cli import export
 from lit_surgery.loop import attach
@@ -61,6 +71,7 @@ MEMORY_URLS = ("memory", "sqlite://", "sqlite:///:memory:")
 DEFAULT_OUT = Path("runs/tune")
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL, TrialState.RUNNING)
 """The trials that count towards a study's target (all but the queued)."""
+LIVE = (TrialState.WAITING, TrialState.RUNNING)
 
 # --------------------------------------------------------------------------------------
 # One trial
@@ -205,9 +216,64 @@ def default_storage(out_dir: Path, study_name: str) -> str:
     return f"sqlite:///{out_dir / (study_name + '.db')}"
 
 
+T = TypeVar("T")
+
+RACE_SQLSTATES = frozenset({"42710", "42P07", "23505"})
+"""PostgreSQL: duplicate_object (``CREATE TYPE``), duplicate_table, unique_violation (a
+catalogue row such as ``pg_type``'s, when the other worker has not committed yet, or
+``alembic_version``'s row)."""
+RACE_MYSQL_ERRORS = frozenset({1050, 1062})
+"""MySQL and MariaDB: ER_TABLE_EXISTS_ERROR, ER_DUP_ENTRY."""
+RACE_SQLITE_ERRORS = frozenset({"SQLITE_CONSTRAINT_PRIMARYKEY", "SQLITE_CONSTRAINT_UNIQUE"})
+"""SQLite's unique violations. Its "table ... already exists" has no code of its own: it is
+SQLITE_ERROR, or SQLITE_SCHEMA when the other worker's table appeared during the statement."""
+CREATE_ATTEMPTS = 20
+_jitter = random.Random()  # not the global generator, which trials seed
+
+
+def is_creation_race(err: BaseException) -> bool:
+    """Whether ``err`` (or the error it was raised from) says that another worker created
+    the same table, type or row first: creating Optuna's schema on an empty database checks
+    for each table, then creates it, so workers that start together collide."""
+    cause: BaseException | None = err
+    while cause is not None and not isinstance(cause, DBAPIError):
+        cause = cause.__cause__
+    if cause is None:
+        return False
+    orig = cause.orig
+    # psycopg 3 names it sqlstate, psycopg2 pgcode
+    if (getattr(orig, "sqlstate", None) or getattr(orig, "pgcode", None)) in RACE_SQLSTATES:
+        return True
+    # mysql-connector and MariaDB's connector name it errno, PyMySQL and mysqlclient args[0]
+    errno = getattr(orig, "errno", None)
+    if errno is None and orig.args and isinstance(orig.args[0], int):
+        errno = orig.args[0]
+    if errno in RACE_MYSQL_ERRORS:
+        return True
+    name = getattr(orig, "sqlite_errorname", None)
+    if name in ("SQLITE_ERROR", "SQLITE_SCHEMA"):
+        return "already exists" in str(orig)
+    return name in RACE_SQLITE_ERRORS
+
+
+def create_with_retries(create: Callable[[], T]) -> T:
+    """``create()``, called again after a short random pause (growing, at most 1 s) while it
+    fails with :func:`is_creation_race`: each such failure means that another worker got
+    further, so a few attempts suffice; the last of ``CREATE_ATTEMPTS`` raises."""
+    for attempt in range(1, CREATE_ATTEMPTS):
+        try:
+            return create()
+        except Exception as err:
+            if not is_creation_race(err):
+                raise
+        time.sleep(_jitter.uniform(0.0, min(1.0, 0.05 * 2**attempt)))
+    return create()
+
+
 def open_storage(url: str, heartbeat: Heartbeat) -> BaseStorage:
     """An Optuna storage for ``url``; RDB storages get heartbeats (and retries), so a worker
-    killed mid-trial does not leave a trial running forever."""
+    killed mid-trial does not leave a trial running forever. Creating the tables is safe
+    while other workers do the same (:func:`create_with_retries`)."""
     if url in MEMORY_URLS:
         return InMemoryStorage()
     if url.startswith("postgresql://") and importlib.util.find_spec("psycopg") is not None:
@@ -225,21 +291,24 @@ def open_storage(url: str, heartbeat: Heartbeat) -> BaseStorage:
             retry = optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=heartbeat.max_retry)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return RDBStorage(
-            url,
-            engine_kwargs=engine,
-            heartbeat_interval=heartbeat.interval,
-            grace_period=heartbeat.grace_period,
-            heartbeat_stale_trial_callback=retry,
+        return create_with_retries(
+            lambda: RDBStorage(
+                url,
+                engine_kwargs=engine,
+                heartbeat_interval=heartbeat.interval,
+                grace_period=heartbeat.grace_period,
+                heartbeat_stale_trial_callback=retry,
+            )
         )
 
 
 def open_study(
     sweep: Sweep, storage: BaseStorage, study_name: str, sampler_seed: int | None = None
 ) -> optuna.Study:
-    """Create the study, or load it (resume) if the storage has it already. The sampler's
-    seed defaults to the sweep's seed plus the trials already there, so a resumed study does
-    not re-draw its first samples."""
+    """Create the study, or load it (resume) if the storage has it already, also when
+    another worker created it a moment ago (Optuna turns that unique violation into a load).
+    The sampler's seed defaults to the sweep's seed plus the trials already there, so a
+    resumed study does not re-draw its first samples."""
     study = optuna.create_study(
         storage=storage,
         study_name=study_name,
@@ -296,16 +365,22 @@ def run_study(
     *,
     n_trials: int | None,
     total_trials: int | None,
+    retry_poll: float | None = None,
 ) -> int:
     """Run trials until this process has run ``n_trials`` or the study holds
     ``total_trials`` (finished in any state, or running in any worker); returns how many this
     process ran. A failing trial is recorded as failed and the study goes on. Queued trials
-    (retries of failed ones) do not count until a worker picks them up, so they are run."""
+    (retries of failed ones) do not count until a worker picks them up, so they are run.
+
+    With ``retry_poll`` (seconds; heartbeats that re-queue a dead worker's trial), a process
+    that runs to the target (no ``n_trials``) then stays while any trial is running, looking
+    that often: a killed worker's trial counts as running until its heartbeat is stale, and
+    only then is it failed and its retry queued, which this process runs. (As with the
+    target, two workers that reach for one retry at once may start one trial more.)"""
+    poll = retry_poll if n_trials is None and total_trials is not None else None
     optuna.storages.fail_stale_trials(study)  # a killed worker's trial must not count as live
     if total_trials is not None:
-        left = total_trials - len(study.get_trials(deepcopy=False, states=COUNTED))
-        if left <= 0:
-            return 0
+        left = max(0, total_trials - len(study.get_trials(deepcopy=False, states=COUNTED)))
         n_trials = left if n_trials is None else min(n_trials, left)
     metrics = [o.metric for o in objective.sweep.objectives]
     ran = 0
@@ -318,9 +393,23 @@ def run_study(
     callbacks: list[Callable[[optuna.Study, FrozenTrial], None]] = [progress]
     if total_trials is not None:
         callbacks.append(optuna.study.MaxTrialsCallback(total_trials, states=COUNTED))
-    study.optimize(
-        objective, n_trials=n_trials, callbacks=callbacks, catch=(Exception,), gc_after_trial=True
-    )
+
+    def optimize(n: int | None) -> None:
+        study.optimize(
+            objective, n_trials=n, callbacks=callbacks, catch=(Exception,), gc_after_trial=True
+        )
+
+    if n_trials != 0:
+        optimize(n_trials)
+    while poll is not None:
+        optuna.storages.fail_stale_trials(study)  # queues the retry of a dead worker's trial
+        live = {t.state for t in study.get_trials(deepcopy=False, states=LIVE)}
+        if TrialState.WAITING in live:
+            optimize(1)  # Optuna's next trial is the queued one
+        elif live:
+            time.sleep(poll)
+        else:
+            break
     return ran
 
 
@@ -565,7 +654,8 @@ def run(args: argparse.Namespace, console: Console) -> optuna.Study | None:
         return None
     name = args.study_name or sweep.name
     url = args.storage or sweep.storage or default_storage(args.out_dir, name)
-    study = open_study(sweep, open_storage(url, beat), name, args.sampler_seed)
+    storage = open_storage(url, beat)
+    study = open_study(sweep, storage, name, args.sampler_seed)
     existing = len(study.get_trials(deepcopy=False))
     total, n_trials = args.total_trials, args.n_trials
     if args.export is not None and total is None and n_trials is None:
@@ -581,7 +671,11 @@ def run(args: argparse.Namespace, console: Console) -> optuna.Study | None:
     )
     start = time.perf_counter()
     ran = run_study(
-        study, TrialObjective(sweep, name, out_dir), n_trials=n_trials, total_trials=total
+        study,
+        TrialObjective(sweep, name, out_dir),
+        n_trials=n_trials,
+        total_trials=total,
+        retry_poll=beat.interval if beat.max_retry and isinstance(storage, RDBStorage) else None,
     )
     console.print(f"{ran} trials run by this process in {time.perf_counter() - start:.1f} s")
     plot = summarize(study, sweep, out_dir, console)
