@@ -47,7 +47,8 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError
 
-from lit_surgery.lightning_cli import export
+from lit_surgery.errors import ArgParser, run_command
+from lit_surgery.export import export
 from lit_surgery.loop import attach
 from lit_surgery.module import SurgeryModule
 from lit_surgery.reporting import run_dir
@@ -128,7 +129,7 @@ def fit_trial(
         results = trainer.test(module, datamodule=cli.datamodule, verbose=False)[0]
         test_acc = results.get("test/acc")
     directory = run_dir(trainer)
-    export(module, directory)
+    export(module.net, directory)
     topo = module.topology
     return TrialResult(
         val_acc=float(winner),
@@ -555,7 +556,7 @@ def _quiet() -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgParser(
         prog="lit-surgery tune",
         description="Tune surgery and optimiser settings with Optuna from a sweep file. "
         "Re-running the command resumes the study.",
@@ -690,13 +691,13 @@ def run(args: argparse.Namespace, console: Console) -> optuna.Study | None:
 
 
 def main(argv: Sequence[str] | None = None) -> None:
+    """``lit-surgery tune``. Bad input raises a :class:`~lit_surgery.errors.UserError`
+    (:class:`SweepError`, :class:`~lit_surgery.errors.UsageError`), which the command line
+    prints as one line."""
     args = build_parser().parse_args(argv)
     _quiet()
-    try:
-        run(args, Console(soft_wrap=True))
-    except SweepError as err:
-        sys.exit(f"lit-surgery tune: {err}")
+    run(args, Console(soft_wrap=True))
 
 
 if __name__ == "__main__":
-    main()
+    run_command("lit-surgery tune", main, sys.argv[1:])
