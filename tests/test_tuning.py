@@ -349,12 +349,13 @@ BAD = [
 
 
 @pytest.mark.parametrize(("changes", "message"), BAD, ids=[m[:40] for _, m in BAD])
-def test_a_bad_sweep_file_fails_before_any_trial(tmp_path, changes, message):
+def test_a_bad_sweep_file_fails_before_any_trial(tmp_path, capsys, changes, message):
     sweep = write_sweep(tmp_path / "bad.yaml", **changes)
     with pytest.raises(SystemExit) as exit_:
         cli.main(["tune", str(sweep), "--out-dir", str(tmp_path / "out")])
-    assert message in str(exit_.value)
-    assert str(exit_.value).startswith("lit-surgery tune: ")
+    assert exit_.value.code == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert line.startswith("lit-surgery tune: error: ") and message in line
     assert not (tmp_path / "out").exists()  # no storage, no trial folder
 
 
