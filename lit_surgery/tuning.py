@@ -402,12 +402,20 @@ def run_study(
 
     if n_trials != 0:
         optimize(n_trials)
+    waiting = False
     while poll is not None:
         optuna.storages.fail_stale_trials(study)  # queues the retry of a dead worker's trial
-        live = {t.state for t in study.get_trials(deepcopy=False, states=LIVE)}
+        live = [t.state for t in study.get_trials(deepcopy=False, states=LIVE)]
         if TrialState.WAITING in live:
             optimize(1)  # Optuna's next trial is the queued one
         elif live:
+            if not waiting:
+                print(
+                    f"target reached; waiting for {len(live)} trial(s) still running in other "
+                    "workers (a dead worker's trial is retried here)",
+                    flush=True,
+                )
+                waiting = True
             time.sleep(poll)
         else:
             break
