@@ -3,7 +3,7 @@
 LightningCLI: also ``validate``, ``test``, ``predict`` and ``--print_config``.
 """
 
-from lit_surgery.lightning_cli import main
+from lit_surgery.lightning.cli import main
 
 if __name__ == "__main__":
     main()

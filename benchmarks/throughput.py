@@ -19,12 +19,12 @@ import torch
 import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
+from lit_surgery.core.network import build
+from lit_surgery.core.policy import SurgerySettings
+from lit_surgery.core.topology import Topology
 from lit_surgery.data import SurgeryDataModule
-from lit_surgery.loop import attach
-from lit_surgery.module import SurgeryModule
-from lit_surgery.network import build
-from lit_surgery.policy import SurgerySettings
-from lit_surgery.topology import Topology
+from lit_surgery.lightning.loop import attach
+from lit_surgery.lightning.module import SurgeryModule
 
 
 class EpochTimer(Callback):

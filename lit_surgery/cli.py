@@ -14,7 +14,7 @@ from lit_surgery.errors import USAGE_STATUS, run_command
 
 COMMANDS = {
     "plain": ("lit_surgery.plain", "surgery on digits in a plain PyTorch loop"),
-    "tune": ("lit_surgery.tuning", "tune surgery settings with Optuna from a sweep file"),
+    "tune": ("lit_surgery.tune.study", "tune surgery settings with Optuna from a sweep file"),
 }
 
 

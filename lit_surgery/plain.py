@@ -15,17 +15,17 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from lit_surgery.core.network import SurgeryNet, build
+from lit_surgery.core.policy import Branch, CandidateRecord, Surgeon, SurgerySettings
+from lit_surgery.core.topology import Topology
 from lit_surgery.data import TensorBatches, TensorSplits, digits, random_batches
 from lit_surgery.errors import ArgParser, run_command
-from lit_surgery.network import SurgeryNet, build
-from lit_surgery.policy import Branch, CandidateRecord, Surgeon, SurgerySettings
-from lit_surgery.topology import Topology
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
 
 class PlainTrainer:
-    """``train`` and ``screen`` callables for :class:`~lit_surgery.policy.Surgeon`."""
+    """``train`` and ``screen`` callables for :class:`~lit_surgery.core.policy.Surgeon`."""
 
     def __init__(
         self,

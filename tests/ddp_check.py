@@ -12,10 +12,10 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
+from lit_surgery.core.policy import SurgerySettings
 from lit_surgery.data import SurgeryDataModule
-from lit_surgery.loop import attach
-from lit_surgery.module import SurgeryModule
-from lit_surgery.policy import SurgerySettings
+from lit_surgery.lightning.loop import attach
+from lit_surgery.lightning.module import SurgeryModule
 
 
 def _digest(tensors) -> str:

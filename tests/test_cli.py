@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from lit_surgery.lightning_cli import main
+from lit_surgery.lightning.cli import main
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--model.surgery.max_epochs=6", "--model.surgery.initial_epochs=2",
@@ -74,9 +74,9 @@ def test_cli_defaults_wandb_offline_checkpoint_lr_monitor_rich_bar_report():
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
     from lightning.pytorch.loggers import WandbLogger
 
-    from lit_surgery.lightning_cli import SurgeryCLI
-    from lit_surgery.loop import SurgeryFitLoop
-    from lit_surgery.reporting import SurgeryReport
+    from lit_surgery.lightning.callbacks import SurgeryReport
+    from lit_surgery.lightning.cli import SurgeryCLI
+    from lit_surgery.lightning.loop import SurgeryFitLoop
 
     cli = SurgeryCLI(args=["--config", str(ROOT / "configs/digits.yaml"), "--model.seed=3"],
                      run=False)
@@ -95,7 +95,7 @@ def test_what_the_user_turns_off_stays_off(tmp_path, capsys, monkeypatch):
     monitor, checkpoint callback, rich bar) follow, and the run still tests and exports."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
-    from lit_surgery.lightning_cli import SurgeryCLI
+    from lit_surgery.lightning.cli import SurgeryCLI
 
     monkeypatch.chdir(tmp_path)
     off = ["--trainer.logger=false", "--trainer.enable_checkpointing=false",

@@ -3,7 +3,7 @@ import math
 import pytest
 import torch
 
-from lit_surgery.criteria import (
+from lit_surgery.core.criteria import (
     Candidate,
     best_per_type,
     depth_factor,
@@ -12,8 +12,8 @@ from lit_surgery.criteria import (
     removable,
     singular_values,
 )
-from lit_surgery.network import build
-from lit_surgery.topology import Topology
+from lit_surgery.core.network import build
+from lit_surgery.core.topology import Topology
 
 
 @pytest.mark.parametrize(

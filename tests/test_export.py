@@ -11,9 +11,9 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from lit_surgery import load_exported
-from lit_surgery.export import ExportError, export
-from lit_surgery.network import build
-from lit_surgery.topology import Layer, Topology
+from lit_surgery.core.export import ExportError, export
+from lit_surgery.core.network import build
+from lit_surgery.core.topology import Layer, Topology
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -9,10 +9,10 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from lit_surgery.core.policy import SurgerySettings
 from lit_surgery.data import SurgeryDataModule
-from lit_surgery.loop import SurgeryFitLoop, attach
-from lit_surgery.module import CheckpointError, SurgeryModule
-from lit_surgery.policy import SurgerySettings
+from lit_surgery.lightning.loop import SurgeryFitLoop, attach
+from lit_surgery.lightning.module import CheckpointError, SurgeryModule
 
 SCHEDULE = dict(max_epochs=12, initial_epochs=3, epoch_step=3)
 

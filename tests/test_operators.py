@@ -1,4 +1,4 @@
-"""Property-based tests of the six surgery operators (lit_surgery.operators).
+"""Property-based tests of the six surgery operators (lit_surgery.core.operators).
 
 Each operator's documented bound is checked over many random small networks:
 B, AL, AN, RL (linear layer) and OL (linear, low-rank layer) keep the function up to
@@ -21,8 +21,8 @@ import torch
 from hypothesis import assume, event, given, settings
 from hypothesis import strategies as st
 
-from lit_surgery.network import SurgeryNet, build
-from lit_surgery.operators import (
+from lit_surgery.core.network import SurgeryNet, build
+from lit_surgery.core.operators import (
     OPERATOR_CODES,
     Mutation,
     OperatorError,
@@ -35,7 +35,7 @@ from lit_surgery.operators import (
     remove_neurons,
     truncate,
 )
-from lit_surgery.topology import NON_NEGATIVE, POSITIVELY_HOMOGENEOUS, Layer, Topology
+from lit_surgery.core.topology import NON_NEGATIVE, POSITIVELY_HOMOGENEOUS, Layer, Topology
 
 ALL_ACTS = ("relu", "leaky_relu", "linear", "tanh", "sigmoid", "gelu")
 BASIC_ACTS = ("relu", "leaky_relu", "linear", "tanh")

@@ -1,4 +1,4 @@
-"""Optimiser state follows surgery (lit_surgery.optim_state.transfer_state).
+"""Optimiser state follows surgery (lit_surgery.core.optim_state.transfer_state).
 
 After a few real optimiser steps (SGD with momentum, Adam, Adam with AMSGrad, Adagrad),
 the state is carried through each operator and compared by value with what the operator
@@ -19,10 +19,10 @@ import torch
 from hypothesis import assume, event, given
 from hypothesis import strategies as st
 
-from lit_surgery.network import SurgeryNet, build, param_layout
-from lit_surgery.operators import OPERATOR_CODES, Mutation, add_neurons, operator
-from lit_surgery.optim_state import transfer_state
-from lit_surgery.topology import POSITIVELY_HOMOGENEOUS, Layer, Topology
+from lit_surgery.core.network import SurgeryNet, build, param_layout
+from lit_surgery.core.operators import OPERATOR_CODES, Mutation, add_neurons, operator
+from lit_surgery.core.optim_state import transfer_state
+from lit_surgery.core.topology import POSITIVELY_HOMOGENEOUS, Layer, Topology
 
 ALL_ACTS = ("relu", "leaky_relu", "linear", "tanh", "sigmoid", "gelu")
 OPTIMIZERS = {

@@ -5,9 +5,9 @@ import math
 import pytest
 import torch
 
-from lit_surgery.operators import GROW, SHRINK
+from lit_surgery.core.operators import GROW, SHRINK
+from lit_surgery.core.policy import SurgerySettings
 from lit_surgery.plain import PlainTrainer, main, run
-from lit_surgery.policy import SurgerySettings
 
 SCHEDULE = dict(max_epochs=40, initial_epochs=5, epoch_step=5)
 

@@ -4,9 +4,9 @@ import math
 import pytest
 import torch
 
-from lit_surgery.network import build
-from lit_surgery.policy import Branch, History, SettingsError, Surgeon, SurgerySettings
-from lit_surgery.topology import Topology
+from lit_surgery.core.network import build
+from lit_surgery.core.policy import Branch, History, SettingsError, Surgeon, SurgerySettings
+from lit_surgery.core.topology import Topology
 
 
 def _net(seed=0):
@@ -92,7 +92,7 @@ def test_selection_base_always_best_per_type_and_one_random():
     surgeon = _surgeon(script, seed=3)
     root = Branch(0, _net(), metric=0.5)
     pool = [(root, c) for c in surgeon.propose(root.net)]
-    from lit_surgery.criteria import Candidate, best_per_type
+    from lit_surgery.core.criteria import Candidate, best_per_type
 
     pool.insert(0, (root, Candidate("B")))
     chosen = surgeon.select(pool, list(range(len(pool))))
@@ -122,7 +122,7 @@ def _screened(ops_scores):
 
 
 def _cand(op):
-    from lit_surgery.criteria import Candidate
+    from lit_surgery.core.criteria import Candidate
 
     return Candidate(op, None if op == "B" else 0, 0)
 
@@ -234,7 +234,7 @@ def test_paper_mode_and_default_pick_differently():
         surgeon = Surgeon(settings.replace(include_random=False, sv_source="incoming"),
                           script.train, script.screen)
         root = Branch(0, _net(), metric=0.5)
-        from lit_surgery.criteria import Candidate
+        from lit_surgery.core.criteria import Candidate
 
         pool = [(root, Candidate("B"))] + [(root, c) for c in surgeon.propose(root.net)]
         chosen = [pool[i][1] for i in surgeon.select(pool, list(range(len(pool))))]

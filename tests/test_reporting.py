@@ -15,23 +15,22 @@ import torch
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from matplotlib.image import imread
 
+from lit_surgery.core.network import build
+from lit_surgery.core.policy import CandidateRecord, SurgerySettings
+from lit_surgery.core.topology import Topology
 from lit_surgery.data import SurgeryDataModule
-from lit_surgery.loop import attach
-from lit_surgery.module import SurgeryModule
-from lit_surgery.network import build
-from lit_surgery.policy import CandidateRecord, SurgerySettings
-from lit_surgery.reporting import (
+from lit_surgery.lightning.callbacks import SurgeryReport
+from lit_surgery.lightning.loop import attach
+from lit_surgery.lightning.module import SurgeryModule
+from lit_surgery.report.figures import plot_spectra, plot_widths
+from lit_surgery.report.tables import (
     CANDIDATE_COLUMNS,
     GENEALOGY_COLUMNS,
-    SurgeryReport,
     candidate_rows,
     genealogy_rows,
-    plot_spectra,
-    plot_widths,
     write_csv,
     write_json,
 )
-from lit_surgery.topology import Topology
 
 torch.set_num_threads(1)
 

@@ -3,8 +3,8 @@ import json
 import pytest
 import torch
 
-from lit_surgery.network import build, param_layout
-from lit_surgery.topology import Layer, Topology, TopologyError
+from lit_surgery.core.network import build, param_layout
+from lit_surgery.core.topology import Layer, Topology, TopologyError
 
 
 def test_json_round_trip_and_plain_data():

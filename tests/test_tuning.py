@@ -30,9 +30,10 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from test_reporting import _wandb_records
 
-from lit_surgery import cli, tuning
-from lit_surgery.lightning_cli import main as train_main
-from lit_surgery.sweep import Heartbeat, SweepError, check_sweep, load_sweep
+from lit_surgery import cli
+from lit_surgery.lightning.cli import main as train_main
+from lit_surgery.tune import study as tuning
+from lit_surgery.tune.sweep import Heartbeat, SweepError, check_sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {
@@ -589,8 +590,9 @@ import matplotlib
 matplotlib.use("Agg")
 import alembic.script, matplotlib.pyplot, optuna.visualization.matplotlib, psycopg
 import sklearn.datasets, sqlalchemy.dialects.postgresql.psycopg, wandb
-from lit_surgery import cli, tuning  # the slow imports: once, before the workers fork
-from lit_surgery.sweep import check_sweep, load_sweep
+import lit_surgery.tune.study  # the slow imports: once, before the workers fork
+from lit_surgery import cli
+from lit_surgery.tune.sweep import check_sweep, load_sweep
 
 with contextlib.redirect_stdout(sys.stderr):  # stdout answers the test
     check_sweep(load_sweep(sys.argv[1]))  # the first parsing of a config is slow too

@@ -6,7 +6,7 @@ executes whatever the file contains. safetensors holds only tensors and a JSON h
 the topology is JSON, so loading an export never unpickles anything. The tensors are the
 state dict of the plain ``nn.Sequential`` (``Flatten``, then per hidden layer ``Linear``
 and its activation unless linear, then the output ``Linear``) that
-:meth:`~lit_surgery.network.SurgeryNet.to_sequential` builds, so the README's recipe needs
+:meth:`~lit_surgery.core.network.SurgeryNet.to_sequential` builds, so the README's recipe needs
 only torch and safetensors. The safetensors header repeats the topology, which makes the
 weights file self-describing.
 """
@@ -21,9 +21,9 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from lit_surgery.core.network import SurgeryNet, build
+from lit_surgery.core.topology import Topology, TopologyError
 from lit_surgery.errors import UserError
-from lit_surgery.network import SurgeryNet, build
-from lit_surgery.topology import Topology, TopologyError
 
 WEIGHTS = "model.safetensors"
 TOPOLOGY = "topology.json"

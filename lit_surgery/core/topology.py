@@ -1,7 +1,7 @@
 """The topology: a network's structure as plain, JSON-able data.
 
 The topology is what survives surgery, checkpoints and logs; weights are built from it
-(see :mod:`lit_surgery.network`). Layer kinds are looked up in :data:`LAYER_KINDS`, so a
+(see :mod:`lit_surgery.core.network`). Layer kinds are looked up in :data:`LAYER_KINDS`, so a
 new kind (convolutions) is a new entry, not a new branch in every function.
 """
 

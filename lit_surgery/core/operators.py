@@ -2,7 +2,7 @@
 
 Each takes a network and returns a :class:`Mutation`: a *new* network (the input is never
 touched) and a parameter map saying which slice of which old parameter each new
-parameter continues, so that optimiser state can follow (:mod:`lit_surgery.optim_state`).
+parameter continues, so that optimiser state can follow (:mod:`lit_surgery.core.optim_state`).
 
 Weights use torch's convention: a layer's weight is ``out x in``. How much of the
 function each operator keeps:
@@ -34,8 +34,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from lit_surgery.network import LayerWeights, SurgeryNet, build, param_layout
-from lit_surgery.topology import NON_NEGATIVE, POSITIVELY_HOMOGENEOUS, Layer, Topology
+from lit_surgery.core.network import LayerWeights, SurgeryNet, build, param_layout
+from lit_surgery.core.topology import NON_NEGATIVE, POSITIVELY_HOMOGENEOUS, Layer, Topology
 
 OPERATOR_CODES = ("B", "AN", "AL", "RL", "OL", "T")
 GROW = frozenset({"AN", "AL"})

@@ -4,8 +4,9 @@ It holds a *population*: the branches being trained in parallel (one network eac
 ``nn.ModuleList``). Every training step trains all of them on the same batch (the summed
 loss gives each network its own gradient), so parallel branches share one ``fit``, one
 optimiser and one DDP wrapper. Surgery itself (:meth:`SurgeryModule.operate`) is called
-by :class:`~lit_surgery.loop.SurgeryFitLoop` at generation boundaries; it runs the policy's
-phases on rank 0 and broadcasts the outcome, so every rank holds the same networks.
+by :class:`~lit_surgery.lightning.loop.SurgeryFitLoop` at generation boundaries; it runs
+the policy's phases on rank 0 and broadcasts the outcome, so every rank holds the same
+networks.
 A branch whose training loss was ever non-finite in a cycle counts as diverged (its metric
 is NaN for the policy), like one whose weights are.
 """
@@ -23,11 +24,9 @@ from lightning.pytorch.cli import LRSchedulerCallable, OptimizerCallable
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_surgery.data import random_batches
-from lit_surgery.errors import UserError
-from lit_surgery.network import SurgeryNet, build
-from lit_surgery.optim_state import join_state, split_state
-from lit_surgery.policy import (
+from lit_surgery.core.network import SurgeryNet, build
+from lit_surgery.core.optim_state import join_state, split_state
+from lit_surgery.core.policy import (
     Branch,
     Generation,
     Surgeon,
@@ -37,7 +36,9 @@ from lit_surgery.policy import (
     generation_from_state,
     generation_state,
 )
-from lit_surgery.topology import Topology
+from lit_surgery.core.topology import Topology
+from lit_surgery.data import random_batches
+from lit_surgery.errors import UserError
 
 CHECKPOINT_VERSION = 1
 DEFAULT_SETTINGS = SurgerySettings()

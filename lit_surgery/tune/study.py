@@ -1,7 +1,7 @@
 """``lit-surgery tune``: tune the surgery itself (and the optimiser) with Optuna.
 
-The study comes from a sweep file (:mod:`lit_surgery.sweep`). Each trial is one in-process
-``fit`` of train.py's :class:`~lit_surgery.lightning_cli.SurgeryCLI` with the surgery loop
+The study comes from a sweep file (:mod:`lit_surgery.tune.sweep`). Each trial is one in-process
+``fit`` of train.py's :class:`~lit_surgery.lightning.cli.SurgeryCLI` with the surgery loop
 attached, a W&B run (offline by default) in a group named after the study with the trial's
 parameters in its config, and a callback that reports the objective after every epoch so
 the study's pruner can stop it. The study lives in an Optuna storage: a local SQLite file by
@@ -47,12 +47,12 @@ from rich.console import Console
 from rich.table import Table
 from sqlalchemy.exc import DBAPIError
 
+from lit_surgery.core.export import export
 from lit_surgery.errors import ArgParser, run_command
-from lit_surgery.export import export
-from lit_surgery.loop import attach
-from lit_surgery.module import SurgeryModule
-from lit_surgery.reporting import run_dir
-from lit_surgery.sweep import (
+from lit_surgery.lightning.callbacks import run_dir
+from lit_surgery.lightning.loop import attach
+from lit_surgery.lightning.module import SurgeryModule
+from lit_surgery.tune.sweep import (
     METRICS,
     Heartbeat,
     Sweep,

@@ -1,4 +1,4 @@
-"""The ``torch.nn`` network built from a :class:`~lit_surgery.topology.Topology`.
+"""The ``torch.nn`` network built from a :class:`~lit_surgery.core.topology.Topology`.
 
 Parameters come in a stable order (hidden layers in order, each weight then bias, then
 the output layer): a fresh build of the same topology has the same order, which is what
@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_surgery.topology import ACTIVATIONS, LAYER_KINDS, Topology
+from lit_surgery.core.topology import ACTIVATIONS, LAYER_KINDS, Topology
 
 LayerWeights = tuple[Tensor, Tensor | None]
 

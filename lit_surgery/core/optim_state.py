@@ -3,7 +3,7 @@
 The reference re-creates the optimiser after every change, throwing away momentum and
 Adam's moments. Here a surviving parameter keeps its state: the operator's parameter map
 says which slice of which old parameter each new one continues and by which factors it was
-scaled (only the copies of a split unit, see :func:`lit_surgery.operators.add_neurons`);
+scaled (only the copies of a split unit, see :func:`lit_surgery.core.operators.add_neurons`);
 parameters with no source start fresh. Works on ``optimizer.state_dict()`` data: every
 state tensor shaped like its parameter is sliced, and scaled like the parameter unless it
 is an average of squared gradients (:data:`SQUARED`).
@@ -17,7 +17,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_surgery.operators import ParamMap, Source
+from lit_surgery.core.operators import ParamMap, Source
 
 SQUARED = frozenset({"exp_avg_sq", "max_exp_avg_sq", "square_avg", "sum"})
 """State keys that average squared gradients (Adam, AMSGrad, RMSprop, Adadelta, Adagrad):

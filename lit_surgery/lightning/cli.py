@@ -5,7 +5,7 @@ sync`` later), checkpoints of the best validation accuracy plus ``last.ckpt``, l
 monitor, rich progress bar. The surgery schedule owns the run's length:
 ``model.surgery.max_epochs`` sets ``trainer.max_epochs``. After ``fit`` the best network is
 tested, exported (``model.safetensors`` and ``topology.json``, see
-:mod:`lit_surgery.export`) and summarised. A user error (a bad value, missing data, a file
+:mod:`lit_surgery.core.export`) and summarised. A user error (a bad value, missing data, a file
 that is not a checkpoint) prints one line and exits with status 2.
 """
 
@@ -27,12 +27,12 @@ from lightning.pytorch.callbacks import (
 )
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from lit_surgery.core.export import export
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.errors import one_line, run_command
-from lit_surgery.export import export
-from lit_surgery.loop import attach
-from lit_surgery.module import CHECKPOINT_VERSION, CheckpointError, SurgeryModule
-from lit_surgery.reporting import SurgeryReport, run_dir
+from lit_surgery.lightning.callbacks import SurgeryReport, run_dir
+from lit_surgery.lightning.loop import attach
+from lit_surgery.lightning.module import CHECKPOINT_VERSION, CheckpointError, SurgeryModule
 
 
 def _load_failure(err: Exception) -> str:

@@ -28,8 +28,8 @@ import yaml
 from lightning.pytorch.callbacks import Callback
 
 from lit_surgery.errors import UserError
-from lit_surgery.lightning_cli import SurgeryCLI
-from lit_surgery.module import SurgeryModule
+from lit_surgery.lightning.cli import SurgeryCLI
+from lit_surgery.lightning.module import SurgeryModule
 
 SWEEP_KEYS = (
     "name",

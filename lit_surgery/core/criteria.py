@@ -17,9 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from lit_surgery.network import SurgeryNet
-from lit_surgery.operators import OperatorError, operator
-from lit_surgery.topology import NON_NEGATIVE, Topology
+from lit_surgery.core.network import SurgeryNet
+from lit_surgery.core.operators import OperatorError, operator
+from lit_surgery.core.topology import NON_NEGATIVE, Topology
 
 SV_SOURCES = ("incoming", "outgoing")
 RANKINGS = ("modest", "bottleneck", "paper")

@@ -16,7 +16,7 @@ from lightning.fabric.utilities.optimizer import _optimizers_to_device
 from lightning.pytorch.loops import _FitLoop
 from lightning.pytorch.strategies import DDPStrategy
 
-from lit_surgery.module import SurgeryModule
+from lit_surgery.lightning.module import SurgeryModule
 
 
 class SurgeryFitLoop(_FitLoop):

@@ -26,7 +26,7 @@ from typing import Any, Protocol
 
 import torch
 
-from lit_surgery.criteria import (
+from lit_surgery.core.criteria import (
     AL_ACTIVATIONS,
     RANKINGS,
     SV_SOURCES,
@@ -34,11 +34,11 @@ from lit_surgery.criteria import (
     best_per_type,
     propose,
 )
+from lit_surgery.core.network import SurgeryNet, build
+from lit_surgery.core.operators import OPERATOR_CODES, Mutation, operator
+from lit_surgery.core.optim_state import transfer_state
+from lit_surgery.core.topology import Topology
 from lit_surgery.errors import UserError
-from lit_surgery.network import SurgeryNet, build
-from lit_surgery.operators import OPERATOR_CODES, Mutation, operator
-from lit_surgery.optim_state import transfer_state
-from lit_surgery.topology import Topology
 
 SCORES = ("paper", "log")
 SELECT_BY = ("accuracy", "score")
@@ -724,8 +724,8 @@ def branch_state(branch: Branch) -> dict[str, Any]:
 
 
 def branch_from_state(state: dict[str, Any]) -> Branch:
-    from lit_surgery.network import build
-    from lit_surgery.topology import Topology
+    from lit_surgery.core.network import build
+    from lit_surgery.core.topology import Topology
 
     net = build(Topology.from_dict(state["topology"]))
     net.load_state_dict(state["weights"])

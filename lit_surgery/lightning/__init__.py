@@ -1,0 +1,2 @@
+"""The Lightning side: the module that owns a mutable topology, the fit loop that operates
+between epochs, the report callback and train.py's LightningCLI."""

@@ -1,0 +1,1 @@
+"""Tables, files and figures of a surgery run (no Lightning: they work from plain data)."""
