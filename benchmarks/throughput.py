@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from lightning.pytorch.callbacks import Callback
 
 from lit_surgery.core.network import build
-from lit_surgery.core.policy import SurgerySettings
+from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.core.topology import Topology
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.loop import attach

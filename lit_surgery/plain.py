@@ -16,7 +16,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from lit_surgery.core.network import SurgeryNet, build
-from lit_surgery.core.policy import Branch, CandidateRecord, Surgeon, SurgerySettings
+from lit_surgery.core.policy import Branch, CandidateRecord, Surgeon
+from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.core.topology import Topology
 from lit_surgery.data import TensorBatches, TensorSplits, digits, random_batches
 from lit_surgery.errors import ArgParser, run_command

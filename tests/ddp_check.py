@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
 
-from lit_surgery.core.policy import SurgerySettings
+from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.loop import attach
 from lit_surgery.lightning.module import SurgeryModule

@@ -21,7 +21,7 @@ def test_core_data_report_and_plain_driver_import_without_lightning():
         "import lit_surgery.data, lit_surgery.report.figures, lit_surgery.plain\n"
         "from lit_surgery.data import TensorBatches, digits\n"
         "from lit_surgery.plain import run\n"
-        "from lit_surgery.core.policy import SurgerySettings\n"
+        "from lit_surgery.core.settings import SurgerySettings\n"
         "best, _ = run([4], SurgerySettings(max_epochs=2, initial_epochs=1, epoch_step=1),"
         " verbose=False)\n"
         "assert best.net.topology.input_size == 64\n"

@@ -9,7 +9,7 @@ import pytest
 import torch
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from lit_surgery.core.policy import SurgerySettings
+from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.loop import SurgeryFitLoop, attach
 from lit_surgery.lightning.module import CheckpointError, SurgeryModule

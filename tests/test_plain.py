@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from lit_surgery.core.operators import GROW, SHRINK
-from lit_surgery.core.policy import SurgerySettings
+from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.plain import PlainTrainer, main, run
 
 SCHEDULE = dict(max_epochs=40, initial_epochs=5, epoch_step=5)

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from lit_surgery.core.network import build
-from lit_surgery.core.policy import Branch, History, SettingsError, Surgeon, SurgerySettings
+from lit_surgery.core.policy import Branch, History, Surgeon
+from lit_surgery.core.settings import SettingsError, SurgerySettings
 from lit_surgery.core.topology import Topology
 
 

@@ -16,7 +16,8 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from matplotlib.image import imread
 
 from lit_surgery.core.network import build
-from lit_surgery.core.policy import CandidateRecord, SurgerySettings
+from lit_surgery.core.policy import CandidateRecord
+from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.core.topology import Topology
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.callbacks import SurgeryReport

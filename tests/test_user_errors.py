@@ -148,7 +148,7 @@ def test_the_status_and_the_traceback_from_a_real_process(tmp_path):
 
 
 def test_debug_environment_raises_the_error_itself(tmp_path, monkeypatch):
-    from lit_surgery.core.policy import SettingsError
+    from lit_surgery.core.settings import SettingsError
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("LIT_SURGERY_DEBUG", "1")
