@@ -119,7 +119,8 @@ class SurgeryCLI(LightningCLI):
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """The defaults this CLI adds follow what the user turned off: no checkpoint
         callback without checkpointing, no learning-rate monitor without a logger, the rich
-        progress bar unless the bar is off or another one is configured."""
+        progress bar unless the bar is off or another one is configured. (A private
+        LightningCLI hook: see :data:`lit_surgery.lightning.compat.INSTANTIATE_TRAINER`.)"""
         no_logger = config.get("logger") is False or config.get("logger") == []
 
         def wanted(c: Callback) -> bool:

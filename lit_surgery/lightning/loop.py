@@ -12,14 +12,13 @@ from __future__ import annotations
 from typing import Any
 
 import lightning.pytorch as pl
-from lightning.fabric.utilities.optimizer import _optimizers_to_device
-from lightning.pytorch.loops import _FitLoop
 from lightning.pytorch.strategies import DDPStrategy
 
+from lit_surgery.lightning.compat import FitLoop, apply_layer_sync, optimizers_to_device
 from lit_surgery.lightning.module import SurgeryModule
 
 
-class SurgeryFitLoop(_FitLoop):
+class SurgeryFitLoop(FitLoop):
     """``trainer.fit_loop = SurgeryFitLoop(trainer)`` (done by :func:`attach`)."""
 
     def __init__(self, trainer: pl.Trainer, epoch_loop: Any | None = None) -> None:
@@ -86,8 +85,7 @@ class SurgeryFitLoop(_FitLoop):
         strategy.model = module
         module.to(strategy.root_device)
         if isinstance(strategy, DDPStrategy):
-            if strategy._layer_sync:
-                strategy.model = strategy._layer_sync.apply(module)
+            strategy.model = apply_layer_sync(strategy, module)
             strategy.configure_ddp()
         strategy.setup_optimizers(trainer)
         optimizer = trainer.optimizers[0]
@@ -95,7 +93,7 @@ class SurgeryFitLoop(_FitLoop):
             optimizer.load_state_dict(module.carried_optimizer_state(hyper))
         for config, state in zip(strategy.lr_scheduler_configs, schedulers, strict=False):
             config.scheduler.load_state_dict(state)
-        _optimizers_to_device(trainer.optimizers, strategy.root_device)
+        optimizers_to_device(trainer.optimizers, strategy.root_device)
 
 
 def attach(trainer: pl.Trainer) -> pl.Trainer:

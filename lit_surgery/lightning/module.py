@@ -39,6 +39,7 @@ from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.core.topology import Topology
 from lit_surgery.data import random_batches
 from lit_surgery.errors import UserError
+from lit_surgery.lightning.compat import manual_step_progress
 
 CHECKPOINT_VERSION = 1
 DEFAULT_SETTINGS = SurgerySettings()
@@ -178,7 +179,7 @@ class SurgeryModule(pl.LightningModule):
         # on the bare optimiser: Lightning's per-step hooks would cost as much as the step.
         # The step counter is Lightning's own, so global_step, logging and checkpoints agree.
         optimizer = self.optimizers().optimizer
-        progress = self.trainer.fit_loop.epoch_loop.manual_optimization.optim_step_progress
+        progress = manual_step_progress(self.trainer)
         size = self.trainer.datamodule.batch_size
         for xb, yb in zip(x.split(size), y.split(size), strict=True):
             loss = self._loss(xb, yb)
