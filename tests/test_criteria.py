@@ -13,6 +13,7 @@ from lit_surgery.core.criteria import (
     singular_values,
 )
 from lit_surgery.core.network import build
+from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.core.topology import Topology
 
 
@@ -60,7 +61,7 @@ def _by(cands, op, layer):
 
 def test_proposal_weights_amounts_and_ratios():
     net = _net([1.0, 1.0, 0.1, 0.01], [2.0, 1.5, 1.2, 1.0])
-    cands = propose(net, sv_source="incoming")
+    cands = propose(net, SurgerySettings(sv_source="incoming"))
     # layer 0: r = 2 of 4, d = 2/3; layer 1: r = 0, d = 1
     an0 = _by(cands, "AN", 0)
     assert sorted(c.amount for c in an0) == [2, 20] and all(c.weight == 0.5 for c in an0)
@@ -82,8 +83,8 @@ def test_proposal_weights_amounts_and_ratios():
 
 def test_outgoing_source_counts_from_next_layer():
     net = _net([1.0, 1.0, 1.0, 1.0], [0.01, 0.01, 0.01, 2.0])
-    incoming = propose(net, sv_source="incoming")
-    outgoing = propose(net, sv_source="outgoing")
+    incoming = propose(net, SurgerySettings(sv_source="incoming"))
+    outgoing = propose(net, SurgerySettings(sv_source="outgoing"))
     assert not _by(incoming, "OL", 0)
     (ol,) = _by(outgoing, "OL", 0)
     assert ol.amount == 3
@@ -91,19 +92,24 @@ def test_outgoing_source_counts_from_next_layer():
 
 def test_type_weights_and_al_activation_setting():
     net = _net([1.0, 1.0, 0.1, 0.01], [2.0, 1.5, 1.2, 1.0])
-    cands = propose(net, type_weights={"AN": 0.0, "OL": 2.0}, al_activation="linear")
+    settings = SurgerySettings(type_weights={"AN": 0.0, "OL": 2.0}, al_activation="linear")
+    cands = propose(net, settings)
     assert all(c.weight == 0 for c in cands if c.op == "AN")
     assert _by(cands, "OL", 0)[0].weight == 1.0
     assert all(c.activation == "linear" for c in cands if c.op == "AL")
-    with pytest.raises(ValueError, match="al_activation"):
-        propose(net, al_activation="tanh")
+
+
+def test_an_amounts_follow_the_settings():
+    net = _net([1.0, 1.0, 0.1, 0.01], [2.0, 1.5, 1.2, 1.0])  # width 4
+    cands = propose(net, SurgerySettings(add_fraction=1.0, add_multiplier=3))
+    assert sorted(c.amount for c in _by(cands, "AN", 0)) == [4, 12]
 
 
 def test_non_finite_layer_gets_remove_layer_with_weight_one():
     net = _net([1.0, 1.0, 0.1, 0.01], [2.0, 1.5, 1.2, 1.0])
     with torch.no_grad():
         net.linear(1).weight[0, 0] = math.nan
-    cands = propose(net)
+    cands = propose(net, SurgerySettings())
     # layer 0's outgoing matrix and layer 1's incoming are the bad matrix
     assert [(c.op, c.layer, c.weight) for c in cands if c.layer == 1] == [("RL", 1, 1.0)]
     assert [(c.op, c.weight) for c in cands if c.layer == 0] == [("RL", 1.0)]
@@ -123,8 +129,8 @@ def test_ranking_paper_prefers_big_growth_modest_prefers_small():
 
 def test_bottleneck_ranking_widens_the_most_compressive_saturated_layer():
     net = build(Topology.mlp(64, [4, 4, 4], 10))  # random init: no removable units
-    cands = [c for c in propose(net, sv_threshold_abs=0.0, sv_threshold_rel=0.0)
-             if c.op == "AN"]
+    settings = SurgerySettings(sv_threshold_abs=0.0, sv_threshold_rel=0.0)
+    cands = [c for c in propose(net, settings) if c.op == "AN"]
     assert best_per_type(cands, "bottleneck")[0].layer == 0  # 64 inputs per 4 units
     assert best_per_type(cands, "modest")[0].layer == 1  # the cheapest widening
     assert best_per_type(cands, "bottleneck")[0].amount == 2  # then the smaller change

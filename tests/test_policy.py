@@ -1,5 +1,7 @@
 import json
 import math
+import re
+from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 import torch
@@ -55,6 +57,18 @@ def _surgeon(script, seed=0, **settings):
 def test_invalid_settings_name_the_setting(name, value):
     with pytest.raises(SettingsError, match=rf"^{name}=.* is invalid: "):
         SurgerySettings(**{"initial_epochs": 5, name: value})
+
+
+def test_choices_are_literal_types_and_their_checks_list_the_literal():
+    hints = get_type_hints(SurgerySettings)
+    choices = {n: get_args(h) for n, h in hints.items() if get_origin(h) is Literal}
+    assert set(choices) == {"sv_source", "ranking", "al_activation", "split", "score", "select_by"}
+    for name, allowed in choices.items():
+        assert getattr(SurgerySettings(), name) in allowed
+        assert getattr(SurgerySettings.paper(), name) in allowed
+        message = re.escape(f"{name}='x' is invalid: one of {allowed}")
+        with pytest.raises(SettingsError, match=message):
+            SurgerySettings(**{name: "x"})
 
 
 def test_reference_numbers_are_the_defaults_and_paper_mode_changes_choices():

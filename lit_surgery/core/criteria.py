@@ -10,20 +10,17 @@ criterion"). Computed on the weights' own device.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, replace
-from typing import Any
+from typing import Any, get_args
 
 import torch
 from torch import Tensor
 
 from lit_surgery.core.network import SurgeryNet
 from lit_surgery.core.operators import OperatorError, operator
+from lit_surgery.core.settings import Ranking, SurgerySettings, SvSource
 from lit_surgery.core.topology import NON_NEGATIVE, Topology
-
-SV_SOURCES = ("incoming", "outgoing")
-RANKINGS = ("modest", "bottleneck", "paper")
-AL_ACTIVATIONS = ("auto", "linear")
 
 
 @dataclass(frozen=True)
@@ -55,14 +52,14 @@ class Candidate:
         return f"{self.op}@{self.layer}{amount}{extra}"
 
 
-def singular_values(net: SurgeryNet, layer: int, source: str = "incoming") -> Tensor:
+def singular_values(net: SurgeryNet, layer: int, source: SvSource = "incoming") -> Tensor:
     """Singular values (descending) for hidden layer ``layer``, padded with zeros to its width.
 
     A layer wider than the matrix's rank has that many exactly removable directions, so the
     padding counts them.
     """
-    if source not in SV_SOURCES:
-        raise ValueError(f"sv_source must be one of {SV_SOURCES}, got {source!r}")
+    if source not in get_args(SvSource):
+        raise ValueError(f"sv_source must be one of {get_args(SvSource)}, got {source!r}")
     matrix = net.linear(layer if source == "incoming" else layer + 1).weight.detach()
     s = torch.linalg.svdvals(matrix)
     width = net.topology.hidden[layer].width
@@ -89,38 +86,27 @@ def layer_is_finite(net: SurgeryNet, layer: int) -> bool:
     )
 
 
-def propose(
-    net: SurgeryNet,
-    *,
-    sv_source: str = "incoming",
-    sv_threshold_abs: float = 0.3,
-    sv_threshold_rel: float = 5e-3,
-    add_fraction: float = 0.1,
-    add_multiplier: int = 10,
-    al_activation: str = "auto",
-    type_weights: Mapping[str, float] | None = None,
-) -> list[Candidate]:
-    """All candidates for ``net`` (``B`` not included), each with weight and parameter ratio."""
-    if al_activation not in AL_ACTIVATIONS:
-        raise ValueError(f"al_activation must be one of {AL_ACTIVATIONS}, got {al_activation!r}")
+def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
+    """All candidates for ``net`` (``B`` not included), each with weight and parameter ratio,
+    under ``settings``' thresholds, AN amounts, AL activation and type weights."""
+    s = settings
     topo = net.topology
-    multipliers = dict(type_weights or {})
     raw: list[Candidate] = []
     for i, layer in enumerate(topo.hidden):
         if not (layer_is_finite(net, i) and layer_is_finite(net, i + 1)):
             raw.append(Candidate("RL", i, 0, 1.0))
             continue
         n = layer.width
-        r = removable(singular_values(net, i, sv_source), sv_threshold_abs, sv_threshold_rel)
+        r = removable(singular_values(net, i, s.sv_source), s.sv_threshold_abs, s.sv_threshold_rel)
         d = depth_factor(i, topo.depth)
         p_add, p_remove = 1.0 - r / n, r / n
-        k = max(2, int(n * add_fraction))
+        k = max(2, int(n * s.add_fraction))
         squeeze = topo.fan_in(i) / n
         raw += [
             Candidate("AN", i, k, p_add, compression=squeeze),
-            Candidate("AN", i, k * add_multiplier, p_add, compression=squeeze),
+            Candidate("AN", i, k * s.add_multiplier, p_add, compression=squeeze),
         ]
-        relu = al_activation == "auto" and layer.activation in NON_NEGATIVE
+        relu = s.al_activation == "auto" and layer.activation in NON_NEGATIVE
         raw.append(Candidate("AL", i, 0, p_add * d, activation="relu" if relu else "linear"))
         raw.append(Candidate("RL", i, 0, p_remove * d))
         amount = min(r, n - 1)
@@ -134,12 +120,12 @@ def propose(
             continue  # e.g. RL of the only layer, T that would not truncate
         if c.op == "T" and ratio >= 1:
             continue  # a factorisation that does not save parameters only costs screening
-        weight = c.weight * multipliers.get(c.op, 1.0)
+        weight = c.weight * s.type_weights.get(c.op, 1.0)
         result.append(replace(c, weight=weight, param_ratio=ratio))
     return result
 
 
-def rank_key(candidate: Candidate, ranking: str = "modest") -> tuple[float, ...]:
+def rank_key(candidate: Candidate, ranking: Ranking = "modest") -> tuple[float, ...]:
     """Sort key, larger is better. ``paper``: (weight, q), so among equal weights the
     biggest network wins (the reference's choice, which makes "add 10x units" the AN pick
     every time). ``modest``: (weight, -|log q|), the smallest change wins ties.
@@ -152,10 +138,10 @@ def rank_key(candidate: Candidate, ranking: str = "modest") -> tuple[float, ...]
         return (candidate.weight, modest)
     if ranking == "bottleneck":
         return (candidate.weight, candidate.compression, modest)
-    raise ValueError(f"ranking must be one of {RANKINGS}, got {ranking!r}")
+    raise ValueError(f"ranking must be one of {get_args(Ranking)}, got {ranking!r}")
 
 
-def best_per_type(candidates: Sequence[Candidate], ranking: str = "modest") -> list[Candidate]:
+def best_per_type(candidates: Sequence[Candidate], ranking: Ranking = "modest") -> list[Candidate]:
     """The top-ranked candidate of each operator type, in first-seen type order."""
     best: dict[str, Candidate] = {}
     for c in candidates:

@@ -253,13 +253,15 @@ def add_neurons(
 
 # --------------------------------------------------------------------------- AL
 
-AL_ACTIVATIONS = ("linear", "relu")
+IDENTITY_ACTIVATIONS = ("linear", "relu")
 
 
 def add_layer_topology(topology: Topology, layer: int, activation: str = "linear") -> Topology:
     _check_layer(topology, layer, "AL")
-    if activation not in AL_ACTIVATIONS:
-        raise OperatorError(f"AL: activation must be one of {AL_ACTIVATIONS}, got {activation!r}")
+    if activation not in IDENTITY_ACTIVATIONS:
+        raise OperatorError(
+            f"AL: activation must be one of {IDENTITY_ACTIVATIONS}, got {activation!r}"
+        )
     before = topology.hidden[layer]
     if activation == "relu" and before.activation not in NON_NEGATIVE:
         raise OperatorError(

@@ -1,27 +1,76 @@
 """The surgery settings: every number and choice of the method, checked on construction.
 
-Torch-free plain data, so configs, sweep files and checkpoints can name and validate them
-without importing the policy.
+Each setting is declared once, as a typed field with its default (and, for numbers, its
+range): the choices are ``Literal`` types, so LightningCLI lists and checks them, and
+:meth:`SurgerySettings.validate` derives its checks and messages from the same declarations.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, field, replace
-from typing import Any
+from dataclasses import Field, asdict, dataclass, field, fields, replace
+from typing import Any, Literal, get_args, get_origin, get_type_hints
 
-from lit_surgery.core.criteria import AL_ACTIVATIONS, RANKINGS, SV_SOURCES
 from lit_surgery.core.operators import OPERATOR_CODES
 from lit_surgery.errors import UserError
 
-SCORES = ("paper", "log")
-SELECT_BY = ("accuracy", "score")
-SPLITS = ("asymmetric", "equal")
+SvSource = Literal["incoming", "outgoing"]
+Ranking = Literal["modest", "bottleneck", "paper"]
+AlActivation = Literal["auto", "linear"]
+Split = Literal["asymmetric", "equal"]
+Score = Literal["paper", "log"]
+SelectBy = Literal["accuracy", "score"]
 SCREEN_BATCHES = {"B": 1, "AN": 1, "AL": 1, "T": 1, "RL": 10, "OL": 10}
 
 
 class SettingsError(UserError):
     """An invalid surgery setting; the message names it and what is allowed."""
+
+
+@dataclass(frozen=True)
+class Bounds:
+    """The numbers a setting allows: ``low <= x <= high`` (``low < x`` if ``open_low``)."""
+
+    low: float
+    high: float = math.inf
+    open_low: bool = False
+
+    def admits(self, value: Any, kind: type) -> bool:
+        number = (int,) if kind is int else (int, float)
+        return (
+            isinstance(value, number)
+            and not isinstance(value, bool)
+            and math.isfinite(value)
+            and (self.low < value if self.open_low else self.low <= value)
+            and value <= self.high
+        )
+
+    def describe(self, kind: type) -> str:
+        if self.high == math.inf:
+            noun = "an integer" if kind is int else "a finite number"
+            return f"{noun} {'>' if self.open_low else '>='} {self.low}"
+        return f"a number in {'(' if self.open_low else '['}{self.low}, {self.high}]"
+
+
+def _number(default: float, low: float, high: float = math.inf, open_low: bool = False) -> Any:
+    return field(default=default, metadata={"bounds": Bounds(low, high, open_low)})
+
+
+def _rejects(value: Any, hint: Any, spec: Field[Any]) -> str | None:
+    """What ``spec``'s setting allows, if ``value`` (of type ``hint``) is not that; else None."""
+    if get_origin(hint) is Literal:
+        return None if value in get_args(hint) else f"one of {get_args(hint)}"
+    if hint is bool:
+        return None if isinstance(value, bool) else "true or false"
+    bounds: Bounds = spec.metadata["bounds"]
+    if get_origin(hint) is not dict:
+        return None if bounds.admits(value, hint) else bounds.describe(hint)
+    keys, kind = spec.metadata["keys"], get_args(hint)[1]
+    if unknown := sorted(set(value) - set(keys)):
+        return f"keys among {list(keys)}, not {unknown}"
+    if all(bounds.admits(v, kind) for v in value.values()):
+        return None
+    return f"{bounds.describe(kind)} per operator type"
 
 
 @dataclass
@@ -62,26 +111,30 @@ class SurgerySettings:
             screening.
     """
 
-    epoch_step: int = 10
-    initial_epochs: int = 10
-    max_epochs: int = 100
-    parallel_branches: int = 2
-    max_retries: int = 3
+    epoch_step: int = _number(10, 1)
+    initial_epochs: int = _number(10, 0)
+    max_epochs: int = _number(100, 0)  # and >= initial_epochs
+    parallel_branches: int = _number(2, 1)
+    max_retries: int = _number(3, 0)
     include_random: bool = True
-    sv_threshold_abs: float = 0.3
-    sv_threshold_rel: float = 5e-3
-    add_fraction: float = 0.1
-    add_multiplier: int = 10
-    screen_batches: dict[str, int] = field(default_factory=lambda: dict(SCREEN_BATCHES))
-    type_weights: dict[str, float] = field(default_factory=dict)
-    sv_source: str = "incoming"
-    ranking: str = "bottleneck"
-    al_activation: str = "auto"
-    split: str = "asymmetric"
-    score: str = "log"
-    size_penalty: float = 0.003
+    sv_threshold_abs: float = _number(0.3, 0)
+    sv_threshold_rel: float = _number(5e-3, 0, 1)
+    add_fraction: float = _number(0.1, 0, 10, open_low=True)
+    add_multiplier: int = _number(10, 1)
+    screen_batches: dict[str, int] = field(
+        default_factory=SCREEN_BATCHES.copy, metadata={"bounds": Bounds(0), "keys": OPERATOR_CODES}
+    )
+    type_weights: dict[str, float] = field(
+        default_factory=dict, metadata={"bounds": Bounds(0), "keys": OPERATOR_CODES[1:]}
+    )
+    sv_source: SvSource = "incoming"
+    ranking: Ranking = "bottleneck"
+    al_activation: AlActivation = "auto"
+    split: Split = "asymmetric"
+    score: Score = "log"
+    size_penalty: float = _number(0.003, 0)
     explore: bool = True
-    select_by: str = "accuracy"
+    select_by: SelectBy = "accuracy"
     random_walk: bool = False
 
     def __post_init__(self) -> None:
@@ -110,89 +163,17 @@ class SurgerySettings:
         return asdict(self)
 
     def validate(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise SettingsError(f"{name}={getattr(self, name)!r} is invalid: {allowed}")
-
-        def is_int(v: Any) -> bool:
-            return isinstance(v, int) and not isinstance(v, bool)
-
-        def is_num(v: Any) -> bool:
-            return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
-
-        need(is_int(self.epoch_step) and self.epoch_step >= 1, "epoch_step", "an integer >= 1")
-        need(
-            is_int(self.initial_epochs) and self.initial_epochs >= 0,
-            "initial_epochs",
-            "an integer >= 0",
-        )
-        need(
-            is_int(self.max_epochs) and self.max_epochs >= self.initial_epochs,
-            "max_epochs",
-            f"an integer >= initial_epochs ({self.initial_epochs})",
-        )
-        need(
-            is_int(self.parallel_branches) and self.parallel_branches >= 1,
-            "parallel_branches",
-            "an integer >= 1",
-        )
-        need(is_int(self.max_retries) and self.max_retries >= 0, "max_retries", "an integer >= 0")
-        need(isinstance(self.include_random, bool), "include_random", "true or false")
-        need(
-            is_num(self.sv_threshold_abs) and self.sv_threshold_abs >= 0,
-            "sv_threshold_abs",
-            "a finite number >= 0",
-        )
-        need(
-            is_num(self.sv_threshold_rel) and 0 <= self.sv_threshold_rel <= 1,
-            "sv_threshold_rel",
-            "a number in [0, 1]",
-        )
-        need(
-            is_num(self.add_fraction) and 0 < self.add_fraction <= 10,
-            "add_fraction",
-            "a number in (0, 10]",
-        )
-        need(
-            is_int(self.add_multiplier) and self.add_multiplier >= 1,
-            "add_multiplier",
-            "an integer >= 1",
-        )
-        unknown = set(self.screen_batches) - set(OPERATOR_CODES)
-        need(
-            not unknown,
-            "screen_batches",
-            f"keys among {list(OPERATOR_CODES)}, not {sorted(unknown)}",
-        )
-        need(
-            all(is_int(v) and v >= 0 for v in self.screen_batches.values()),
-            "screen_batches",
-            "integers >= 0 per operator type",
-        )
-        unknown = set(self.type_weights) - set(OPERATOR_CODES[1:])
-        need(
-            not unknown,
-            "type_weights",
-            f"keys among {list(OPERATOR_CODES[1:])}, not {sorted(unknown)}",
-        )
-        need(
-            all(is_num(v) and v >= 0 for v in self.type_weights.values()),
-            "type_weights",
-            "finite numbers >= 0 per operator type",
-        )
-        need(self.sv_source in SV_SOURCES, "sv_source", f"one of {SV_SOURCES}")
-        need(self.ranking in RANKINGS, "ranking", f"one of {RANKINGS}")
-        need(self.al_activation in AL_ACTIVATIONS, "al_activation", f"one of {AL_ACTIVATIONS}")
-        need(self.split in SPLITS, "split", f"one of {SPLITS}")
-        need(self.score in SCORES, "score", f"one of {SCORES}")
-        need(
-            is_num(self.size_penalty) and self.size_penalty >= 0,
-            "size_penalty",
-            "a finite number >= 0",
-        )
-        need(isinstance(self.explore, bool), "explore", "true or false")
-        need(self.select_by in SELECT_BY, "select_by", f"one of {SELECT_BY}")
-        need(isinstance(self.random_walk, bool), "random_walk", "true or false")
+        """Raise :class:`SettingsError` naming the first setting its declaration rejects."""
+        hints = get_type_hints(type(self))
+        for spec in fields(self):
+            value = getattr(self, spec.name)
+            if (allowed := _rejects(value, hints[spec.name], spec)) is not None:
+                raise SettingsError(f"{spec.name}={value!r} is invalid: {allowed}")
+        if self.max_epochs < self.initial_epochs:
+            raise SettingsError(
+                f"max_epochs={self.max_epochs!r} is invalid: "
+                f"an integer >= initial_epochs ({self.initial_epochs})"
+            )
 
     @property
     def generations(self) -> int:
