@@ -6,19 +6,20 @@ optimiser state between cycles (carried across surgery by the policy).
 
 from __future__ import annotations
 
-import math
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from functools import partial
 
 import torch
-import torch.nn.functional as F
-from torch import nn
+from torch import Tensor
 
 from lit_surgery.core.network import SurgeryNet, build
-from lit_surgery.core.policy import Branch, CandidateRecord, Surgeon
+from lit_surgery.core.policy import Surgeon
 from lit_surgery.core.settings import SurgerySettings
+from lit_surgery.core.state import Branch, CandidateRecord
 from lit_surgery.core.topology import Topology
+from lit_surgery.core.training import train_branch
 from lit_surgery.data import TensorBatches, TensorSplits, digits, random_batches
 from lit_surgery.errors import ArgParser, run_command
 
@@ -44,10 +45,8 @@ class PlainTrainer:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         self.data = data
         self.batch_size = batch_size
-        self.optimizer_kwargs: dict = {"lr": lr}
-        if optimizer == "sgd":
-            self.optimizer_kwargs["momentum"] = momentum
-        self.optimizer_cls = OPTIMIZERS[optimizer]
+        kwargs = {"lr": lr, "momentum": momentum} if optimizer == "sgd" else {"lr": lr}
+        self.optimizer = partial(OPTIMIZERS[optimizer], **kwargs)
         self.generator = torch.Generator(device=data.x_train.device).manual_seed(seed)
         # every epoch a fresh (seed, epoch) permutation, sliced on the device
         self.batches = TensorBatches(
@@ -55,55 +54,21 @@ class PlainTrainer:
         )
         self.epoch = 0
 
-    def optimizer(self, branch: Branch) -> torch.optim.Optimizer:
-        opt = self.optimizer_cls(branch.net.parameters(), **self.optimizer_kwargs)
-        if branch.optimizer_state is not None:
-            opt.load_state_dict(branch.optimizer_state)
-        return opt
-
-    def _steps(self, net: nn.Module, opt: torch.optim.Optimizer, batches) -> torch.Tensor:
-        """Train on ``batches``; returns the summed loss (finite iff every loss was), kept on
-        the device so that no step waits for a host sync."""
-        net.train()
-        total = torch.zeros((), device=self.data.x_train.device)
-        for x, y in batches:
-            loss = F.cross_entropy(net(x), y)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
-            total += loss.detach()
-        return total
-
-    def train(self, branch: Branch, epochs: int) -> float:
-        opt = self.optimizer(branch)
-        total = torch.zeros(())
+    def _epochs(self, epochs: int) -> Iterator[tuple[Tensor, Tensor]]:
+        """The batches of the next ``epochs`` epochs of the run."""
         for _ in range(epochs):
             self.batches.set_epoch(self.epoch)
             self.epoch += 1
-            total = total + self._steps(branch.net, opt, self.batches)
-        branch.optimizer_state = opt.state_dict()
-        return self._metric(branch.net, total)
+            yield from self.batches
+
+    def train(self, branch: Branch, epochs: int) -> float:
+        d = self.data
+        return train_branch(branch, self.optimizer, self._epochs(epochs), d.x_val, d.y_val)
 
     def screen(self, branch: Branch, batches: int) -> float:
-        opt = self.optimizer(branch)
         d = self.data
-        total = self._steps(
-            branch.net,
-            opt,
-            random_batches(d.x_train, d.y_train, batches, self.batch_size, self.generator),
-        )
-        branch.optimizer_state = opt.state_dict()
-        return self._metric(branch.net, total)
-
-    def _metric(self, net: nn.Module, loss_sum: torch.Tensor) -> float:
-        """Validation accuracy, or NaN (diverged) if a training loss was not finite."""
-        return self.evaluate(net) if bool(torch.isfinite(loss_sum)) else math.nan
-
-    @torch.no_grad()
-    def evaluate(self, net: nn.Module) -> float:
-        net.eval()
-        logits = net(self.data.x_val)
-        return float((logits.argmax(1) == self.data.y_val).float().mean())
+        chosen = random_batches(d.x_train, d.y_train, batches, self.batch_size, self.generator)
+        return train_branch(branch, self.optimizer, chosen, d.x_val, d.y_val)
 
 
 def format_generation(

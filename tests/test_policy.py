@@ -1,14 +1,16 @@
 import json
 import math
 import re
+from dataclasses import replace
 from typing import Literal, get_args, get_origin, get_type_hints
 
 import pytest
 import torch
 
 from lit_surgery.core.network import build
-from lit_surgery.core.policy import Branch, History, Surgeon
+from lit_surgery.core.policy import Surgeon
 from lit_surgery.core.settings import SettingsError, SurgerySettings
+from lit_surgery.core.state import Branch, History
 from lit_surgery.core.topology import Topology
 
 
@@ -144,18 +146,23 @@ def _cand(op):
 
 def test_survival_explore_keeps_at_most_one_base():
     screened = _screened([("B", 0.9), ("B", 0.89), ("AN", 0.8), ("OL", -math.inf)])
-    explore = _surgeon(Script()).survivors(screened)
+    explore = _surgeon(Script()).pick_to_train(screened)
     assert [(b.change.op, b.score) for b in explore] == [("B", 0.9), ("AN", 0.8)]
-    reference = _surgeon(Script(), explore=False).survivors(screened)
+    reference = _surgeon(Script(), explore=False).pick_to_train(screened)
     assert [(b.change.op, b.score) for b in reference] == [("B", 0.9), ("B", 0.89)]
-    one = _surgeon(Script(), parallel_branches=1).survivors(screened)
+    one = _surgeon(Script(), parallel_branches=1).pick_to_train(screened)
     assert [b.score for b in one] == [0.9]
 
 
-def test_retry_with_untried_candidates_when_no_survivor_reaches_previous_best():
+def _retrying_script():
+    """Scripted training whose first attempt in generation 1 (calls 2-3) loses: a retry."""
     script = Script()
-    # call 1 trains the root; calls 2-3 are the first attempt's survivors: they lose
     script.train_gain = lambda b: -0.2 if len(script.trained) in (2, 3) else 0.1
+    return script
+
+
+def test_retry_with_untried_candidates_when_no_survivor_reaches_previous_best():
+    script = _retrying_script()  # call 1 trains the root
     surgeon = _surgeon(script, max_epochs=15, initial_epochs=5, epoch_step=10, max_retries=2)
     surgeon.run(_net())
     records = surgeon.history.candidates
@@ -175,18 +182,24 @@ def test_retry_with_untried_candidates_when_no_survivor_reaches_previous_best():
 def test_fallback_keeps_best_trained_when_retries_run_out():
     script = Script(train_gain=-0.1)
     surgeon = _surgeon(script, max_epochs=15, epoch_step=10, max_retries=0)
-    branches = surgeon.generation([_root(surgeon, script)], 1)
+    branches = _first_generation(surgeon, script)
     assert len(branches) == 1
     trained = [r for r in surgeon.history.candidates if r.trained]
     assert branches[0].metric == max(r.metric for r in trained)
     assert all(r.attempt == 0 for r in surgeon.history.candidates if r.screen_metric is not None)
 
 
-def _root(surgeon, script, metric=0.9):
-    root = surgeon.new_root(_net())
-    root = surgeon.conclude_initial(root, 5, script.train(root, 5))
-    root.metric = metric
-    return root
+def _first_generation(surgeon, script, root_metric=0.9):
+    """Step through the root's initial epochs (that end at ``root_metric``) and a one-generation
+    schedule trained by ``script``; returns the generation's survivors."""
+    survivors = []
+    surgeon.on_generation = lambda number, records, kept: survivors.extend(kept)
+    surgeon.start(_net())
+    plan = surgeon.step([root_metric])
+    while plan.kind != "end":
+        plan = surgeon.step([script.train(b, plan.epochs) for b in plan.branches])
+    assert surgeon.done_generations == 1
+    return survivors
 
 
 def test_non_finite_candidates_are_discarded():
@@ -198,7 +211,7 @@ def test_non_finite_candidates_are_discarded():
 
     script = Script(screen_metric=poison)
     surgeon = _surgeon(script, max_epochs=15, epoch_step=10)
-    survivors = surgeon.generation([_root(surgeon, script)], 1)
+    survivors = _first_generation(surgeon, script)
     assert [b.change.op for b in survivors] == ["B"]
     for r in surgeon.history.candidates:
         if r.screen_metric is not None and r.op != "B":
@@ -300,12 +313,15 @@ def test_every_candidate_diverging_trains_copies_of_the_untouched_parents():
 
     script = Script(screen_metric=screen)
     surgeon = _surgeon(script, max_epochs=15, epoch_step=10, max_retries=1)
-    parent = _root(surgeon, script)
+    surgeon.start(_net())
+    plan = surgeon.step([0.9])  # the root's initial epochs: generation 1 begins
+    gen = surgeon.open
+    (parent,) = gen.parents
     weights = [p.clone() for p in parent.net.parameters()]
-    gen = surgeon.begin([parent], 1)
     assert gen.attempt == 1  # screened again before giving up
     assert [b.change.op for b in gen.to_train] == ["B"]  # never empty: the parent goes on
     (copy,) = gen.to_train
+    assert plan.branches == [copy] and plan.epochs == 10
     assert copy.id != parent.id and copy.net is not parent.net and copy.parent == parent.id
     assert surgeon.history.fallbacks == [
         {"generation": 1, "kept": [parent.id], "reason": "every screened candidate diverged: "
@@ -316,7 +332,7 @@ def test_every_candidate_diverging_trains_copies_of_the_untouched_parents():
 
     # the copy diverges during its cycle: the generation keeps the untouched parent
     _poison(copy.net)
-    assert surgeon.conclude(gen, [0.99])
+    plan = surgeon.step([0.99])
     assert gen.survivors == [parent]
     assert all(torch.equal(a, b) for a, b in zip(parent.net.parameters(), weights, strict=True))
     assert surgeon.history.diverged[-1] == {
@@ -327,7 +343,7 @@ def test_every_candidate_diverging_trains_copies_of_the_untouched_parents():
         "generation": 1, "kept": [parent.id],
         "reason": "every trained branch diverged: the parents are kept",
     }
-    assert surgeon.winner(gen.survivors) is parent
+    assert plan.kind == "end" and plan.branches == [parent]
 
 
 def test_root_that_diverges_in_its_initial_epochs_restarts_from_the_untrained_start():
@@ -362,7 +378,7 @@ def test_root_that_diverges_in_its_initial_epochs_restarts_from_the_untrained_st
     assert history.fallbacks[0]["generation"] == 0 and history.fallbacks[0]["kept"] == [best.id]
     assert "untrained start network" in history.fallbacks[0]["reason"]
     assert {f["generation"] for f in history.fallbacks} == {0, 1, 2}
-    assert surgeon.start is None  # only kept until the initial training is over
+    assert surgeon.start_net is None  # only kept until the initial training is over
     again = History.from_dict(json.loads(json.dumps(history.to_dict())))
     assert (again.diverged, again.fallbacks) == (history.diverged, history.fallbacks)
 
@@ -370,12 +386,12 @@ def test_root_that_diverges_in_its_initial_epochs_restarts_from_the_untrained_st
 def test_start_network_is_part_of_the_surgeon_state():
     surgeon = _surgeon(Script())
     net = _net()
-    surgeon.new_root(net)
+    surgeon.start(net)
     other = _surgeon(Script())
     other.load_state_dict(surgeon.state_dict())
-    assert other.start["topology"] == net.topology.to_dict()
+    assert other.start_net["topology"] == net.topology.to_dict()
     for k, v in net.state_dict().items():
-        assert torch.equal(other.start["weights"][k], v)
+        assert torch.equal(other.start_net["weights"][k], v)
 
 
 def test_winner_ignores_diverged_branches():
@@ -383,3 +399,69 @@ def test_winner_ignores_diverged_branches():
     b = Branch(1, None, metric=0.5, score=0.1)
     assert _surgeon(Script()).winner([a, b]) is b
     assert _surgeon(Script(), select_by="score").winner([a, b]) is b
+
+
+def _drive(surgeon, script, plan, steps=None):
+    """Train each plan's branches with ``script`` and step, ``steps`` times or to the end;
+    returns the plans, each with the boundary that the surgeon set for it."""
+    plans = []
+    while plan.kind != "end" and (steps is None or len(plans) < steps):
+        plan = surgeon.step([script.train(b, plan.epochs) for b in plan.branches])
+        plans.append((plan, surgeon.next_boundary))
+    return plans
+
+
+def test_step_plans_each_cycle_and_a_retry_lengthens_the_run():
+    script = _retrying_script()
+    surgeon = _surgeon(script, max_epochs=25, initial_epochs=5, epoch_step=10, max_retries=2)
+    assert surgeon.next_boundary is None
+    with pytest.raises(RuntimeError, match="no cycle is planned"):
+        surgeon.step([])
+    first = surgeon.start(_net())
+    assert (first.kind, first.generation, first.epochs, surgeon.next_boundary) == (
+        "initial", 0, 5, 5)
+    assert first.branches == surgeon.branches and first.branches[0].parent is None
+    with pytest.raises(ValueError, match="expected 1 metrics, got 2"):
+        surgeon.step([0.5, 0.5])
+    plans = _drive(surgeon, script, first)
+    assert [(p.kind, p.generation, p.epochs, len(p.branches), at) for p, at in plans] == [
+        ("generation", 1, 10, 2, 15),
+        ("retry", 1, 10, 2, 25),
+        ("generation", 2, 10, 2, 35),
+        ("end", 2, 0, 1, None),
+    ]
+    (winner,) = plans[-1][0].branches
+    assert surgeon.branches == [winner] and winner.epochs == 25
+    assert (surgeon.extra_epochs, surgeon.planned_epochs, surgeon.done_generations) == (10, 35, 2)
+    # the retry trains new candidates of the same generation, the next generation its kept
+    retry, second = plans[1][0], plans[2][0]
+    assert all(b.generation == 1 for b in retry.branches)
+    assert {b.parent for b in second.branches} <= {b.id for b in retry.branches}
+    with pytest.raises(RuntimeError, match="no cycle is planned"):
+        surgeon.step([0.5])
+
+
+@pytest.mark.parametrize("steps", [1, 2, 3])  # in generation 1, in its retry, in generation 2
+def test_state_dict_is_plain_data_that_resumes_the_run_exactly(tmp_path, steps):
+    settings = dict(max_epochs=25, initial_epochs=5, epoch_step=10, max_retries=2)
+    full_script = _retrying_script()
+    full = _surgeon(full_script, **settings)
+    _drive(full, full_script, full.start(_net()))
+
+    script = _retrying_script()
+    first = _surgeon(script, **settings)
+    plan = _drive(first, script, first.start(_net()), steps)[-1][0]
+    torch.save(first.state_dict(), tmp_path / "state.pt")
+    resumed = _surgeon(script, seed=1, **settings)  # the state replaces the seed's randomness
+    resumed.load_state_dict(torch.load(tmp_path / "state.pt", weights_only=True))
+    assert [b.id for b in resumed.branches] == [b.id for b in plan.branches]
+    assert all(a is b for a, b in zip(resumed.open.to_train, resumed.branches, strict=True))
+    plans = _drive(resumed, script, replace(plan, branches=resumed.branches))
+
+    assert plans[-1][0].kind == "end"
+    assert json.dumps(resumed.history.to_dict()) == json.dumps(full.history.to_dict())
+    assert (resumed.extra_epochs, resumed.done_generations) == (10, 2)
+    (a,), (b,) = resumed.branches, full.branches
+    assert a.id == b.id
+    assert all(torch.equal(p, q) for p, q in zip(a.net.parameters(), b.net.parameters(),
+                                                 strict=True))

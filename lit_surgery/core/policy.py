@@ -3,8 +3,14 @@
 :class:`Surgeon` runs generations: propose candidates from the SVD criteria, select some
 per type (plus a random one), screen each with a short re-training, score them, train the
 best ``parallel_branches`` for a cycle, keep those that reach the previous best (else
-retry with untried candidates). Training itself is delegated to two callables, so the
-same policy runs in a plain loop (:mod:`lit_surgery.plain`) and in Lightning.
+retry with untried candidates).
+
+It is also the run's state machine, driven by two calls: :meth:`Surgeon.start` and
+:meth:`Surgeon.step` each return a :class:`Plan`, the branches to train next and for how
+many epochs; the driver trains them and reports their validation metrics to ``step``. The
+plain loop (:meth:`Surgeon.run`, :mod:`lit_surgery.plain`) and the LightningModule (at its
+generation boundaries) drive the same machine; screening, which happens inside a step, is
+delegated to a callable.
 
 A branch that diverges (non-finite weights, or a non-finite metric, which the drivers
 report for a non-finite training loss) is never kept and never wins: the generation falls
@@ -20,9 +26,9 @@ from __future__ import annotations
 
 import math
 import random
-from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
-from typing import Any, Protocol
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal, Protocol
 
 import torch
 
@@ -31,6 +37,16 @@ from lit_surgery.core.network import SurgeryNet, build
 from lit_surgery.core.operators import Mutation, operator
 from lit_surgery.core.optim_state import transfer_state
 from lit_surgery.core.settings import SurgerySettings
+from lit_surgery.core.state import (
+    Branch,
+    CandidateRecord,
+    Generation,
+    History,
+    branch_from_state,
+    branch_state,
+    generation_from_state,
+    generation_state,
+)
 from lit_surgery.core.topology import Topology
 
 
@@ -38,26 +54,6 @@ def is_finite(net: torch.nn.Module) -> bool:
     """All parameters finite. Needed besides the metric: accuracy is finite-looking even
     when NaN weights make every logit NaN (``argmax`` then picks class 0)."""
     return all(bool(torch.isfinite(p).all()) for p in net.parameters())
-
-
-@dataclass
-class Branch:
-    """A network being trained, with what the training callables need to continue it."""
-
-    id: int
-    net: SurgeryNet
-    parent: int | None = None
-    generation: int = 0
-    change: Candidate = field(default_factory=lambda: Candidate("B"))
-    optimizer_state: dict[str, Any] | None = None
-    metric: float | None = None
-    score: float | None = None
-    epochs: int = 0
-
-    @property
-    def diverged(self) -> bool:
-        """Its last metric is NaN: set so by the policy for non-finite weights or metrics."""
-        return self.metric is not None and math.isnan(self.metric)
 
 
 class TrainFn(Protocol):
@@ -73,101 +69,33 @@ class ScreenFn(Protocol):
         the metric."""
 
 
-@dataclass
-class CandidateRecord:
-    """One proposed candidate and what became of it (plain data, for logs and tables)."""
+PlanKind = Literal["initial", "generation", "retry", "end"]
 
+
+@dataclass(frozen=True)
+class Plan:
+    """What the driver does next: train each of ``branches`` for ``epochs`` epochs, then
+    report their metrics, in order, to :meth:`Surgeon.step`.
+
+    ``kind`` says why: ``initial`` (the root's first epochs), ``generation`` (generation
+    ``generation`` begins), ``retry`` (its untried candidates get a cycle, which lengthens
+    the run) or ``end`` (``branches`` is the winner alone; nothing more to train).
+    """
+
+    kind: PlanKind
     generation: int
-    parent: int
-    op: str
-    layer: int | None
-    amount: int
-    weight: float
-    param_ratio: float
-    activation: str | None = None
-    attempt: int | None = None
-    """Selection round that screened it (0, then retries); ``None``: not screened."""
-    branch: int | None = None
-    screen_metric: float | None = None
-    score: float | None = None
-    trained: bool = False
-    metric: float | None = None
-    kept: bool = False
-
-
-@dataclass
-class History:
-    """Everything the policy decided, as plain data."""
-
-    candidates: list[CandidateRecord] = field(default_factory=list)
-    genealogy: dict[int, dict[str, Any]] = field(default_factory=dict)
-    epochs_trained: int = 0
-    batches_screened: int = 0
-    diverged: list[dict[str, Any]] = field(default_factory=list)
-    """One entry per branch that diverged: ``branch``, ``parent``, ``generation``, ``epochs``
-    (its lineage's, when found) and ``stage`` (``training`` or ``screening``)."""
-    fallbacks: list[dict[str, Any]] = field(default_factory=list)
-    """Each time the last good networks were kept instead: ``generation``, ``kept`` (ids)
-    and ``reason``."""
-
-    def node(self, branch: Branch) -> None:
-        self.genealogy[branch.id] = {
-            "parent": branch.parent,
-            "generation": branch.generation,
-            "change": branch.change.describe(),
-            "topology": branch.net.topology.to_dict(),
-            "num_params": branch.net.topology.num_params,
-            "metric": branch.metric,
-            "epochs": branch.epochs,
-        }
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> History:
-        return cls(
-            [CandidateRecord(**c) for c in data["candidates"]],
-            {int(k): v for k, v in data["genealogy"].items()},
-            data["epochs_trained"],
-            data["batches_screened"],
-            list(data.get("diverged", [])),
-            list(data.get("fallbacks", [])),
-        )
-
-    def to_dict(self) -> dict[str, Any]:
-        return {
-            "candidates": [asdict(c) for c in self.candidates],
-            "genealogy": {str(k): v for k, v in self.genealogy.items()},
-            "epochs_trained": self.epochs_trained,
-            "batches_screened": self.batches_screened,
-            "diverged": list(self.diverged),
-            "fallbacks": list(self.fallbacks),
-        }
-
-
-@dataclass
-class Generation:
-    """The state of one generation between its phases (begin, train, conclude)."""
-
-    number: int
+    branches: list[Branch]
     epochs: int
-    parents: list[Branch]
-    pool: list[tuple[Branch, Candidate]]
-    records: list[CandidateRecord]
-    untried: list[int]
-    previous_best: float
-    attempt: int = -1
-    to_train: list[Branch] = field(default_factory=list)
-    trained: list[Branch] = field(default_factory=list)
-    survivors: list[Branch] = field(default_factory=list)
-
-    def record_of(self, branch: Branch) -> CandidateRecord:
-        return next(r for r in self.records if r.branch == branch.id)
 
 
 GenerationCallback = Callable[[int, list[CandidateRecord], list[Branch]], None]
 
 
 class Surgeon:
-    """Runs the generations; owns the randomness (seeded) and the history."""
+    """Runs the generations; owns the randomness (seeded), the history and the run's state:
+    the ``branches`` in training, the ``open`` generation, the epoch at which the current
+    cycle ends (``next_boundary``, counted from the start; ``None`` before :meth:`start` and
+    after the end), the epochs that retries added and the generations done."""
 
     def __init__(
         self,
@@ -185,23 +113,67 @@ class Surgeon:
         self.generator = torch.Generator().manual_seed(seed)
         self.on_generation = on_generation
         self.history = History()
-        self.start: dict[str, Any] | None = None
+        self.start_net: dict[str, Any] | None = None
         """Topology and weights of the untrained root, until its initial training is over."""
         self._next_id = 0
+        self.branches: list[Branch] = []
+        self.open: Generation | None = None
+        self.next_boundary: int | None = None
+        self.extra_epochs = 0
+        self.done_generations = 0
 
     # ------------------------------------------------------------------ driving
 
     def run(self, net: SurgeryNet) -> Branch:
         """Train ``net`` and operate on it for the whole schedule; return the winner."""
         if self.train is None:
-            raise RuntimeError("this Surgeon has no train callable; drive begin/conclude instead")
-        s = self.settings
+            raise RuntimeError("this Surgeon has no train callable; drive start/step instead")
+        plan = self.start(net)
+        while plan.kind != "end":
+            plan = self.step([self.train(b, plan.epochs) for b in plan.branches])
+        return plan.branches[0]
+
+    def start(self, net: SurgeryNet) -> Plan:
+        """Begin a run from ``net`` (the root): the plan trains it for the initial epochs."""
+        if self.branches:
+            raise RuntimeError("this Surgeon has started its run already")
         root = self.new_root(net)
-        root = self.conclude_initial(root, s.initial_epochs, self.train(root, s.initial_epochs))
-        branches = [root]
-        for generation in range(1, s.generations + 1):
-            branches = self.generation(branches, generation)
-        return self.winner(branches)
+        return self._plan("initial", 0, [root], self.settings.initial_epochs, at=0)
+
+    def step(self, metrics: Sequence[float]) -> Plan:
+        """Conclude the cycle that trained :attr:`branches` (which ended at ``metrics``, in
+        order): concludes the initial epochs or the open generation, which may retry, begins
+        the next generation or ends the run with the winner. Returns what to train next."""
+        if self.next_boundary is None:
+            raise RuntimeError("no cycle is planned: call start() first; after the end, none")
+        if len(metrics) != len(self.branches):
+            raise ValueError(f"expected {len(self.branches)} metrics, got {len(metrics)}")
+        at, gen = self.next_boundary, self.open
+        if gen is None:  # the root's initial epochs are over
+            (root,), (metric,) = self.branches, metrics
+            branches = [self.conclude_initial(root, self.settings.initial_epochs, metric)]
+        elif not self.conclude(gen, list(metrics)):
+            self.extra_epochs += gen.epochs  # another cycle, for the retry's branches
+            return self._plan("retry", gen.number, gen.to_train, gen.epochs, at)
+        else:
+            branches, self.open = gen.survivors, None
+            self.done_generations += 1
+        if self.done_generations < self.settings.generations:
+            gen = self.open = self.begin(branches, self.done_generations + 1)
+            return self._plan("generation", gen.number, gen.to_train, gen.epochs, at)
+        return self._plan("end", self.done_generations, [self.winner(branches)], 0, None)
+
+    @property
+    def planned_epochs(self) -> int:
+        """The run's length: the schedule plus the cycles that retries added."""
+        return self.settings.max_epochs + self.extra_epochs
+
+    def _plan(
+        self, kind: PlanKind, generation: int, branches: list[Branch], epochs: int, at: int | None
+    ) -> Plan:
+        self.branches = list(branches)
+        self.next_boundary = None if at is None else at + epochs
+        return Plan(kind, generation, self.branches, epochs)
 
     def winner(self, branches: list[Branch]) -> Branch:
         """The best branch that has not diverged (the policy always keeps one)."""
@@ -211,16 +183,6 @@ class Surgeon:
         if self.settings.select_by == "score" and all(b.score is not None for b in branches):
             return max(branches, key=lambda b: b.score)
         return max(branches, key=lambda b: -math.inf if b.metric is None else b.metric)
-
-    def generation(self, branches: list[Branch], number: int) -> list[Branch]:
-        """One whole generation from the surviving ``branches``; returns the new survivors."""
-        if self.train is None:
-            raise RuntimeError("this Surgeon has no train callable; drive begin/conclude instead")
-        gen = self.begin(branches, number)
-        while True:
-            metrics = [self.train(b, gen.epochs) for b in gen.to_train]
-            if self.conclude(gen, metrics):
-                return gen.survivors
 
     def begin(self, branches: list[Branch], number: int) -> Generation:
         """Propose, select and screen; ``Generation.to_train`` (never empty) then needs a cycle
@@ -286,27 +248,51 @@ class Surgeon:
         return True
 
     def state_dict(self) -> dict[str, Any]:
-        """Randomness, ids and history: with the open generation's state, enough to resume."""
+        """The whole state as plain data, enough to resume the run: randomness, ids, history
+        and the start network under ``surgeon``; beside it the run's state (the layout of
+        checkpoint version 1, whose other entries are the LightningModule's)."""
         return {
-            "rng": self.rng.getstate(),
-            "generator": self.generator.get_state(),
-            "next_id": self._next_id,
-            "history": self.history.to_dict(),
-            "start": self.start,
+            "surgeon": {
+                "rng": self.rng.getstate(),
+                "generator": self.generator.get_state(),
+                "next_id": self._next_id,
+                "history": self.history.to_dict(),
+                "start": self.start_net,
+            },
+            "generation": None if self.open is None else generation_state(self.open),
+            "population": [branch_state(b) for b in self.branches],
+            "next_boundary": self.next_boundary,
+            "extra_epochs": self.extra_epochs,
+            "done_generations": self.done_generations,
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
-        version, internal, gauss = state["rng"]
+        """Restore :meth:`state_dict`'s data (other entries are ignored); the branches that
+        the open generation trains are the population's objects, networks included."""
+        own = state["surgeon"]
+        version, internal, gauss = own["rng"]
         self.rng.setstate((version, tuple(internal), gauss))
-        self.generator.set_state(state["generator"])
-        self._next_id = state["next_id"]
-        self.history = History.from_dict(state["history"])
-        self.start = state.get("start")
+        self.generator.set_state(own["generator"])
+        self._next_id = own["next_id"]
+        self.history = History.from_dict(own["history"])
+        self.start_net = own.get("start")
+        population = [branch_from_state(b) for b in state["population"]]
+        self.open = None
+        if state["generation"] is not None:
+            self.open = generation_from_state(
+                state["generation"], {b.id: b.net for b in population}
+            )
+            by_id = {b.id: b for b in self.open.to_train}
+            population = [by_id.get(b.id, b) for b in population]
+        self.branches = population
+        self.next_boundary = state["next_boundary"]
+        self.extra_epochs = state["extra_epochs"]
+        self.done_generations = state["done_generations"]
 
     def new_root(self, net: SurgeryNet) -> Branch:
         """The branch that starts the lineage (before the initial epochs). Keeps a copy of
         ``net``: the root trains in place, and if it diverges the run restarts from it."""
-        self.start = {
+        self.start_net = {
             "topology": net.topology.to_dict(),
             "weights": {k: v.detach().cpu().clone() for k, v in net.state_dict().items()},
         }
@@ -317,7 +303,7 @@ class Surgeon:
         ``metric``) and return the first generation's parent: the root, or, if it diverged,
         a new branch with the untrained start network (evaluated by ``screen(branch, 0)``)."""
         self.record_training(root, epochs, metric)
-        start, self.start = self.start, None
+        start, self.start_net = self.start_net, None
         if not root.diverged:
             return root
         if start is None:
@@ -364,8 +350,9 @@ class Surgeon:
             return metric + math.exp(metric - parent_metric) * math.exp(-param_ratio)
         return metric - self.settings.size_penalty * math.log(param_ratio)
 
-    def survivors(self, screened: list[Branch]) -> list[Branch]:
-        """The best ``parallel_branches`` by score; with ``explore``, at most one ``B``."""
+    def pick_to_train(self, screened: list[Branch]) -> list[Branch]:
+        """The screened branches that get a training cycle: the best ``parallel_branches`` by
+        score; with ``explore``, at most one ``B``."""
         ranked = sorted(
             (b for b in screened if math.isfinite(b.score)), key=lambda b: b.score, reverse=True
         )
@@ -387,7 +374,7 @@ class Surgeon:
         return not s.random_walk and bool(gen.untried) and gen.attempt < s.max_retries
 
     def _attempt(self, gen: Generation) -> None:
-        """Select from the untried candidates, screen them, queue the survivors; select
+        """Select from the untried candidates, screen them, queue the best; select
         again while every screened candidate diverged and retries are left."""
         gen.attempt += 1
         if self.settings.random_walk:
@@ -408,7 +395,7 @@ class Surgeon:
             record.attempt, record.branch = gen.attempt, child.id
             record.screen_metric, record.score = child.metric, child.score
             screened.append(child)
-        gen.to_train = self.survivors(screened)
+        gen.to_train = self.pick_to_train(screened)
         if not gen.to_train and self._can_retry(gen):
             self._attempt(gen)
 
@@ -495,80 +482,3 @@ class Surgeon:
         return CandidateRecord(
             generation, parent.id, c.op, c.layer, c.amount, c.weight, c.param_ratio, c.activation
         )
-
-
-# ---------------------------------------------------------------------------- checkpoints
-# Plain data (dicts, lists, numbers, strings, tensors): loads with torch.load(weights_only=True).
-
-
-def branch_state(branch: Branch) -> dict[str, Any]:
-    return {
-        "id": branch.id,
-        "parent": branch.parent,
-        "generation": branch.generation,
-        "change": branch.change.to_dict(),
-        "topology": branch.net.topology.to_dict(),
-        "weights": {k: v.detach().clone() for k, v in branch.net.state_dict().items()},
-        "optimizer_state": branch.optimizer_state,
-        "metric": branch.metric,
-        "score": branch.score,
-        "epochs": branch.epochs,
-    }
-
-
-def branch_from_state(state: dict[str, Any]) -> Branch:
-    from lit_surgery.core.network import build
-    from lit_surgery.core.topology import Topology
-
-    net = build(Topology.from_dict(state["topology"]))
-    net.load_state_dict(state["weights"])
-    return Branch(
-        state["id"],
-        net,
-        state["parent"],
-        state["generation"],
-        Candidate(**state["change"]),
-        state["optimizer_state"],
-        state["metric"],
-        state["score"],
-        state["epochs"],
-    )
-
-
-def generation_state(gen: Generation) -> dict[str, Any]:
-    branches = {b.id: b for b in [*gen.parents, *gen.to_train, *gen.trained]}
-    return {
-        "number": gen.number,
-        "epochs": gen.epochs,
-        "attempt": gen.attempt,
-        "previous_best": gen.previous_best,
-        "untried": list(gen.untried),
-        "branches": [branch_state(b) for b in branches.values()],
-        "parents": [b.id for b in gen.parents],
-        "pool": [[p.id, c.to_dict()] for p, c in gen.pool],
-        "records": [asdict(r) for r in gen.records],
-        "to_train": [b.id for b in gen.to_train],
-        "trained": [b.id for b in gen.trained],
-    }
-
-
-def generation_from_state(
-    state: dict[str, Any], nets: dict[int, SurgeryNet] | None = None
-) -> Generation:
-    """Rebuild a generation; ``nets`` (by branch id) replaces the stored networks of branches
-    that live elsewhere, e.g. the Lightning module's population."""
-    branches = {s["id"]: branch_from_state(s) for s in state["branches"]}
-    for i, net in (nets or {}).items():
-        branches[i].net = net
-    return Generation(
-        number=state["number"],
-        epochs=state["epochs"],
-        parents=[branches[i] for i in state["parents"]],
-        pool=[(branches[i], Candidate(**c)) for i, c in state["pool"]],
-        records=[CandidateRecord(**r) for r in state["records"]],
-        untried=list(state["untried"]),
-        previous_best=state["previous_best"],
-        attempt=state["attempt"],
-        to_train=[branches[i] for i in state["to_train"]],
-        trained=[branches[i] for i in state["trained"]],
-    )

@@ -41,9 +41,9 @@ class SurgeryFitLoop(FitLoop):
         # generation still has to be concluded (e.g. resumed from the final epoch).
         module = self.trainer.lightning_module
         if isinstance(module, SurgeryModule):
-            self.max_epochs = module.planned_epochs
+            self.max_epochs = module.surgeon.planned_epochs
             completed = self.epoch_progress.current.completed
-            if module.next_boundary == completed and completed >= self.max_epochs:
+            if module.surgeon.next_boundary == completed and completed >= self.max_epochs:
                 return False
         return super().done
 
@@ -63,7 +63,7 @@ class SurgeryFitLoop(FitLoop):
 
     def _finish(self) -> None:
         """The last generation ends with the run; ``last.ckpt`` then holds the winner."""
-        if self._operate() and self.module.next_boundary is None:
+        if self._operate() and self.module.surgeon.next_boundary is None:
             for callback in self.trainer.checkpoint_callbacks:
                 if getattr(callback, "last_model_path", ""):  # collective: every rank calls
                     self.trainer.save_checkpoint(callback.last_model_path)
@@ -72,7 +72,7 @@ class SurgeryFitLoop(FitLoop):
         module = self.module
         if not module.operate(self.epoch_progress.current.completed):
             return False
-        self.max_epochs = module.planned_epochs
+        self.max_epochs = module.surgeon.planned_epochs
         self._rebuild()
         return True
 

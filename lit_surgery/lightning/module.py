@@ -4,9 +4,9 @@ It holds a *population*: the branches being trained in parallel (one network eac
 ``nn.ModuleList``). Every training step trains all of them on the same batch (the summed
 loss gives each network its own gradient), so parallel branches share one ``fit``, one
 optimiser and one DDP wrapper. Surgery itself (:meth:`SurgeryModule.operate`) is called
-by :class:`~lit_surgery.lightning.loop.SurgeryFitLoop` at generation boundaries; it runs
-the policy's phases on rank 0 and broadcasts the outcome, so every rank holds the same
-networks.
+by :class:`~lit_surgery.lightning.loop.SurgeryFitLoop` at generation boundaries; it steps
+the policy's state machine (:meth:`~lit_surgery.core.policy.Surgeon.step`) on rank 0 and
+broadcasts the outcome, so every rank holds the same networks.
 A branch whose training loss was ever non-finite in a cycle counts as diverged (its metric
 is NaN for the policy), like one whose weights are.
 """
@@ -14,7 +14,7 @@ is NaN for the policy), like one whose weights are.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import lightning.pytorch as pl
@@ -26,17 +26,11 @@ from torchmetrics.classification import MulticlassAccuracy
 
 from lit_surgery.core.network import SurgeryNet, build
 from lit_surgery.core.optim_state import join_state, split_state
-from lit_surgery.core.policy import (
-    Branch,
-    Generation,
-    Surgeon,
-    branch_from_state,
-    branch_state,
-    generation_from_state,
-    generation_state,
-)
+from lit_surgery.core.policy import Plan, Surgeon
 from lit_surgery.core.settings import SurgerySettings
+from lit_surgery.core.state import Branch
 from lit_surgery.core.topology import Topology
+from lit_surgery.core.training import evaluate, train_branch
 from lit_surgery.data import random_batches
 from lit_surgery.errors import UserError
 from lit_surgery.lightning.compat import manual_step_progress
@@ -104,11 +98,6 @@ class SurgeryModule(pl.LightningModule):
         self.seed = seed
         self.surgeon = Surgeon(self.settings, train=None, screen=self.screen, seed=seed)
         self.population = nn.ModuleList()
-        self.branches: list[Branch] = []
-        self.open_generation: Generation | None = None
-        self.next_boundary: int | None = self.settings.initial_epochs
-        self.extra_epochs = 0
-        self.done_generations = 0
         self.epoch_log: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
         self._train_stats: Tensor | None = None  # loss sum, correct (leading branch)
@@ -123,8 +112,8 @@ class SurgeryModule(pl.LightningModule):
     def _build_root(self) -> None:
         torch.manual_seed(self.seed)
         topo = Topology.mlp(self.input_size, self.start_hidden, self.num_classes, self.activation)
-        root = self.surgeon.new_root(build(topo))
-        self._install([root])
+        self.surgeon.start(build(topo))
+        self._install()
 
     def setup(self, stage: str) -> None:
         chunk = getattr(self.trainer.datamodule, "steps_per_batch", 1)
@@ -151,11 +140,16 @@ class SurgeryModule(pl.LightningModule):
             self.val_acc = MulticlassAccuracy(self.num_classes).to(self.device)
             self.test_acc = MulticlassAccuracy(self.num_classes).to(self.device)
 
-    def _install(self, branches: list[Branch]) -> None:
+    def _install(self) -> None:
+        """Train the surgeon's branches: their networks become the population."""
         self._make_metrics()
-        self.branches = list(branches)
         device = self.device
-        self.population = nn.ModuleList(b.net.to(device) for b in branches)
+        self.population = nn.ModuleList(b.net.to(device) for b in self.branches)
+
+    @property
+    def branches(self) -> list[Branch]:
+        """The branches in training, in the population's order (the winner after the end)."""
+        return self.surgeon.branches
 
     @property
     def net(self) -> SurgeryNet:
@@ -266,51 +260,29 @@ class SurgeryModule(pl.LightningModule):
         )
 
     def configure_optimizers(self) -> Any:
-        optimizer = self._new_optimizer(self.population)
+        optimizer = self._new_optimizer(self.population.parameters())
         if self.scheduler_factory is None:
             return optimizer
         return {"optimizer": optimizer, "lr_scheduler": self.scheduler_factory(optimizer)}
 
-    def _new_optimizer(self, module: nn.Module) -> torch.optim.Optimizer:
-        """The configured optimiser (default: SGD, lr 0.005, the paper's) over ``module``."""
-        params = list(module.parameters())
+    def _new_optimizer(self, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+        """The configured optimiser (default: SGD, lr 0.005, the paper's) over ``params``."""
+        params = list(params)
         if self.optimizer_factory is None:
             return torch.optim.SGD(params, lr=0.005)
         return self.optimizer_factory(params)
 
     # ------------------------------------------------------------------ surgery
 
-    def _datamodule_splits(self) -> Any:
-        return self.trainer.datamodule.device_splits()
-
-    @torch.no_grad()
-    def evaluate(self, net: nn.Module) -> float:
-        """Validation accuracy of ``net`` on the whole validation split (same on every rank)."""
-        splits = self._datamodule_splits()
-        was_training = net.training
-        net.eval()
-        correct = 0
-        for x, y in zip(splits.x_val.split(4096), splits.y_val.split(4096), strict=True):
-            correct += int((net(x).argmax(1) == y).sum())
-        net.train(was_training)
-        return correct / len(splits.y_val)
-
     def screen(self, branch: Branch, batches: int) -> float:
-        """Short re-training of a candidate on seeded random batches, then its accuracy."""
-        splits = self._datamodule_splits()
-        batch_size = self.trainer.datamodule.batch_size
+        """Short re-training of a candidate on random batches, seeded by its id (so a resumed
+        run screens alike), then its validation accuracy."""
+        dm = self.trainer.datamodule
+        s = dm.device_splits()
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + branch.id)
-        branch.net.to(self.device).train()
-        optimizer = self._new_optimizer(branch.net)
-        if branch.optimizer_state is not None:
-            optimizer.load_state_dict(branch.optimizer_state)
-        for x, y in random_batches(splits.x_train, splits.y_train, batches, batch_size, generator):
-            loss = F.cross_entropy(branch.net(x), y)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-        branch.optimizer_state = optimizer.state_dict()
-        return self.evaluate(branch.net)
+        chosen = random_batches(s.x_train, s.y_train, batches, dm.batch_size, generator)
+        branch.net.to(self.device)
+        return train_branch(branch, self._new_optimizer, chosen, s.x_val, s.y_val)
 
     def _collect_optimizer_states(self) -> None:
         """Give each branch its slice of the trainer's optimiser state."""
@@ -324,14 +296,17 @@ class SurgeryModule(pl.LightningModule):
     def operate(self, epoch: int) -> bool:
         """Surgery at a generation boundary (``epoch`` epochs done). True if it changed the
         population (the loop then rebuilds DDP and the optimiser)."""
-        if self.next_boundary is None or epoch != self.next_boundary:
+        if epoch != self.surgeon.next_boundary:
             return False
         finite_loss = self._finite_losses()
         if self.trainer.is_global_zero:
             self._collect_optimizer_states()
-            for branch, finite in zip(self.branches, finite_loss, strict=True):
-                branch.metric = self.evaluate(branch.net) if finite else math.nan
-            self._advance_generation(epoch)
+            s = self.trainer.datamodule.device_splits()
+            metrics = [
+                evaluate(b.net, s.x_val, s.y_val) if finite else math.nan
+                for b, finite in zip(self.branches, finite_loss, strict=True)
+            ]
+            self._event(epoch, self.surgeon.step(metrics))
         self._loss_sums = None  # a new cycle
         payload = self.surgery_state()
         if self.trainer.world_size > 1:
@@ -347,32 +322,7 @@ class SurgeryModule(pl.LightningModule):
         sums = self.trainer.strategy.reduce(self._loss_sums, reduce_op="sum")
         return torch.isfinite(sums).tolist()
 
-    def _advance_generation(self, epoch: int) -> None:
-        gen = self.open_generation
-        if gen is not None:
-            if not self.surgeon.conclude(gen, [b.metric for b in gen.to_train]):
-                self.extra_epochs += gen.epochs  # a retry: another cycle for new branches
-                self.next_boundary = epoch + gen.epochs
-                self.branches = gen.to_train
-                self._event(epoch, gen.number, "retry")
-                return
-            branches = gen.survivors
-            self.open_generation = None
-            self.done_generations += 1
-        else:  # the first boundary: the root's initial training is over (or it diverged)
-            branches = [self.surgeon.conclude_initial(b, epoch, b.metric) for b in self.branches]
-        if self.done_generations < self.settings.generations:
-            gen = self.surgeon.begin(branches, self.done_generations + 1)
-            self.open_generation = gen
-            self.branches = gen.to_train
-            self.next_boundary = epoch + gen.epochs
-            self._event(epoch, gen.number, "generation")
-        else:
-            self.branches = [self.surgeon.winner(branches)]
-            self.next_boundary = None
-            self._event(epoch, self.done_generations, "end")
-
-    def _event(self, epoch: int, generation: int, kind: str) -> None:
+    def _event(self, epoch: int, plan: Plan) -> None:
         """A surgery point, for logs and plots: what the population became, and the
         policy's ``diverged`` and ``fallbacks`` entries since the previous point."""
         history = self.surgeon.history
@@ -380,8 +330,8 @@ class SurgeryModule(pl.LightningModule):
         self.events.append(
             {
                 "epoch": epoch,
-                "generation": generation,
-                "kind": kind,
+                "generation": plan.generation,
+                "kind": plan.kind,
                 "diverged": history.diverged[seen[0] :],
                 "fallbacks": history.fallbacks[seen[1] :],
                 "population": [
@@ -392,15 +342,10 @@ class SurgeryModule(pl.LightningModule):
                         "widths": b.net.topology.widths,
                         "num_params": b.net.topology.num_params,
                     }
-                    for b in self.branches
+                    for b in plan.branches
                 ],
             }
         )
-
-    @property
-    def planned_epochs(self) -> int:
-        """The run's length: the schedule plus the cycles that retries added."""
-        return self.settings.max_epochs + self.extra_epochs
 
     # ------------------------------------------------------------------ state
 
@@ -409,14 +354,7 @@ class SurgeryModule(pl.LightningModule):
         return _cpu(
             {
                 "version": CHECKPOINT_VERSION,
-                "surgeon": self.surgeon.state_dict(),
-                "generation": None
-                if self.open_generation is None
-                else generation_state(self.open_generation),
-                "population": [branch_state(b) for b in self.branches],
-                "next_boundary": self.next_boundary,
-                "extra_epochs": self.extra_epochs,
-                "done_generations": self.done_generations,
+                **self.surgeon.state_dict(),
                 "epoch_log": self.epoch_log,
                 "events": self.events,
                 "loss_sums": self._loss_sums,
@@ -432,23 +370,12 @@ class SurgeryModule(pl.LightningModule):
                 f"surgery state version {version!r} is not supported (this lit_surgery reads "
                 f"version {CHECKPOINT_VERSION})"
             )
-        self.surgeon.load_state_dict(state["surgeon"])
-        population = [branch_from_state(b) for b in state["population"]]
-        if state["generation"] is not None:
-            gen = generation_from_state(state["generation"], {b.id: b.net for b in population})
-            self.open_generation = gen
-            by_id = {b.id: b for b in gen.to_train}
-            population = [by_id.get(b.id, b) for b in population]
-        else:
-            self.open_generation = None
-        self.next_boundary = state["next_boundary"]
-        self.extra_epochs = state["extra_epochs"]
-        self.done_generations = state["done_generations"]
+        self.surgeon.load_state_dict(state)
         self.epoch_log = list(state["epoch_log"])
         self.events = list(state["events"])
         self._loss_sums = state.get("loss_sums")
         self.input_size, self.num_classes = state["input_size"], state["num_classes"]
-        self._install(population)
+        self._install()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         checkpoint["surgery"] = self.surgery_state()
