@@ -1,12 +1,18 @@
 """The plain-PyTorch driver on digits: real training, real surgery."""
 
 import math
+from functools import partial
 
 import pytest
 import torch
 
+from lit_surgery.core.network import build
 from lit_surgery.core.operators import GROW, SHRINK
 from lit_surgery.core.settings import SurgerySettings
+from lit_surgery.core.state import Branch
+from lit_surgery.core.topology import Topology
+from lit_surgery.core.training import evaluate, train_branch
+from lit_surgery.data import digits
 from lit_surgery.plain import PlainTrainer, main, run
 
 SCHEDULE = dict(max_epochs=40, initial_epochs=5, epoch_step=5)
@@ -50,8 +56,6 @@ def test_command_line_prints_generations_and_result(capsys):
 
 
 def test_bad_trainer_arguments():
-    from lit_surgery.data import digits
-
     with pytest.raises(ValueError, match="optimizer must be one of"):
         PlainTrainer(digits(), optimizer="lbfgs")
     with pytest.raises(ValueError, match="batch_size"):
@@ -80,3 +84,20 @@ def test_diverging_learning_rate_ends_with_a_finite_winner_and_names_what_diverg
     out = capsys.readouterr().out
     assert "branches diverged and were dropped: #0" in out
     assert "final validation accuracy: nan" not in out
+
+
+def test_train_branch_continues_the_optimiser_and_reports_a_non_finite_loss_as_nan():
+    """The routine behind both drivers' screening (and the plain driver's training)."""
+    data = digits()
+    torch.manual_seed(0)
+    branch = Branch(0, build(Topology.mlp(64, [8], 10)))
+    sgd = partial(torch.optim.SGD, lr=0.1, momentum=0.9)
+    batches = [(data.x_train[:32], data.y_train[:32])] * 3
+    metric = train_branch(branch, sgd, batches, data.x_val, data.y_val)
+    assert branch.net.training and 0.0 <= metric <= 1.0
+    momentum = branch.optimizer_state["state"][0]["momentum_buffer"].clone()
+    assert metric == evaluate(branch.net, data.x_val, data.y_val, chunk=7)
+    train_branch(branch, sgd, [], data.x_val, data.y_val)  # no batch: the state goes on
+    assert torch.equal(branch.optimizer_state["state"][0]["momentum_buffer"], momentum)
+    bad = [(data.x_train[:32] * math.inf, data.y_train[:32])]
+    assert math.isnan(train_branch(branch, sgd, bad, data.x_val, data.y_val))
