@@ -25,15 +25,15 @@ import pytest
 import yaml
 from optuna.storages import RetryHeartbeatStaleTrialCallback
 from optuna.trial import TrialState
-from rich.console import Console
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from test_reporting import _wandb_records
 
 from lit_surgery import cli
-from lit_surgery.lightning.cli import main as train_main
+from lit_surgery.errors import UsageError
+from lit_surgery.tune import storage as storages
 from lit_surgery.tune import study as tuning
-from lit_surgery.tune.sweep import Heartbeat, SweepError, check_sweep, load_sweep
+from lit_surgery.tune.sweep import Heartbeat, check_sweep, load_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {
@@ -69,8 +69,7 @@ def write_sweep(path: Path, **changes) -> Path:
 
 def tune(*argv: str) -> optuna.Study:
     """``lit-surgery tune ARGV`` in this process, returning the study."""
-    tuning._quiet()
-    return tuning.run(tuning.build_parser().parse_args(list(argv)), Console(soft_wrap=True))
+    return cli.tune(cli.build_parser().parse_args(["tune", *argv]).tune)
 
 
 def states(study: optuna.Study) -> list[str]:
@@ -169,7 +168,7 @@ def test_exported_config_trains_and_reproduces_the_trial(
 ):
     tmp, study, _ = digits_study
     monkeypatch.chdir(tmp_path)
-    train_main(
+    cli.main(
         [
             "fit",
             "--config",
@@ -385,8 +384,14 @@ def test_shipped_sweeps_are_valid(name):
 def test_set_overrides_and_bad_set(tmp_path):
     sweep = load_sweep(write_sweep(tmp_path / "s.yaml"), {"data.batch_size": 16})
     assert sweep.overrides["data.batch_size"] == 16
-    with pytest.raises(SweepError, match="expected KEY=VALUE"):
-        tuning._parse_sets(["data.batch_size"])
+    assert cli.parse_sets(["data.batch_size=16", "model.hidden=[4, 4]", "a.b=x=y"]) == {
+        "data.batch_size": 16,
+        "model.hidden": [4, 4],
+        "a.b": "x=y",
+    }
+    for item in ("data.batch_size", "=3"):
+        with pytest.raises(UsageError, match="expected KEY=VALUE"):
+            cli.parse_sets([item])
 
 
 # --------------------------------------------------------------------------------------
@@ -472,12 +477,12 @@ NOT_RACES = {
 
 @pytest.mark.parametrize("err", RACES.values(), ids=RACES.keys())
 def test_schema_creation_races_are_retried(err):
-    assert tuning.is_creation_race(err)
+    assert storages.is_creation_race(err)
 
 
 @pytest.mark.parametrize("err", NOT_RACES.values(), ids=NOT_RACES.keys())
 def test_other_database_errors_are_not_retried(err):
-    assert not tuning.is_creation_race(err)
+    assert not storages.is_creation_race(err)
 
 
 def test_creation_is_retried_while_another_worker_is_first(monkeypatch):
@@ -494,13 +499,13 @@ def test_creation_is_retried_while_another_worker_is_first(monkeypatch):
         return attempt
 
     race, other = RACES["pg duplicate type"], NOT_RACES["pg undefined table"]
-    assert tuning.create_with_retries(create(2, race)) == "storage" and len(calls) == 3
+    assert storages.create_with_retries(create(2, race)) == "storage" and len(calls) == 3
     with pytest.raises(DBAPIError) as raised:
-        tuning.create_with_retries(create(1, other))
+        storages.create_with_retries(create(1, other))
     assert raised.value is other and len(calls) == 1
-    monkeypatch.setattr(tuning, "CREATE_ATTEMPTS", 3)
+    monkeypatch.setattr(storages, "CREATE_ATTEMPTS", 3)
     with pytest.raises(DBAPIError):  # bounded: the last attempt's error
-        tuning.create_with_retries(create(3, race))
+        storages.create_with_retries(create(3, race))
     assert len(calls) == 3
 
 
@@ -512,7 +517,7 @@ def open_together(url: str, sweep_path: Path, workers: int = 4) -> list[str]:
 
     def open_() -> str:
         barrier.wait()
-        storage = tuning.open_storage(url, Heartbeat(interval=1, grace_period=3))
+        storage = storages.open_storage(url, Heartbeat(interval=1, grace_period=3))
         return tuning.open_study(sweep, storage, "race").study_name
 
     with ThreadPoolExecutor(workers) as pool:
@@ -538,7 +543,7 @@ def test_a_worker_at_the_target_stays_to_run_a_dead_workers_retry(tmp_path):
     url = f"sqlite:///{tmp_path / 'dead.db'}"
     sweep = write_sweep(tmp_path / "d.yaml", n_trials=1)
     beat = Heartbeat(interval=1, grace_period=1, max_retry=1)
-    storage = tuning.open_storage(url, beat)
+    storage = storages.open_storage(url, beat)
     trial = tuning.open_study(load_sweep(sweep), storage, "d").ask()
     lr = trial.suggest_float("model.optimizer.init_args.lr", 0.01, 0.1, log=True)
     storage.record_heartbeat(trial._trial_id)  # then no more: its worker died
@@ -685,7 +690,7 @@ def kill_in_trial(url: str, pid: int) -> int:
     """SIGKILL worker ``pid`` during its (long) trial once the study holds its target number
     of trials: no worker starts a new trial after that, so only workers that stay at the
     target can fail the dead worker's trial and run its retry. Returns the trial's number."""
-    storage = tuning.open_storage(url, Heartbeat())  # as the workers create the schema
+    storage = storages.open_storage(url, Heartbeat())  # as the workers create the schema
     deadline = time.monotonic() + 120
     worker = f"{socket.gethostname()}:{pid}"
     while True:

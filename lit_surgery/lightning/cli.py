@@ -1,18 +1,21 @@
-"""``python train.py fit --config configs/<name>.yaml``: LightningCLI with surgery.
+"""``lit-surgery fit --config configs/<name>.yaml`` (or ``python train.py fit ...``):
+LightningCLI with surgery.
 
 Defaults a Lightning user expects: W&B logging offline (no account, no network; ``wandb
 sync`` later), checkpoints of the best validation accuracy plus ``last.ckpt``, learning-rate
 monitor, rich progress bar. The surgery schedule owns the run's length:
 ``model.surgery.max_epochs`` sets ``trainer.max_epochs``. After ``fit`` the best network is
 tested, exported (``model.safetensors`` and ``topology.json``, see
-:mod:`lit_surgery.core.export`) and summarised. A user error (a bad value, missing data, a file
-that is not a checkpoint) prints one line and exits with status 2.
+:mod:`lit_surgery.core.export`) and summarised by :func:`finish_fit`, which each tuning trial
+runs too. A user error (a bad value, missing data, a file that is not a checkpoint) raises
+before anything is written; :mod:`lit_surgery.cli` prints it as one line.
 """
 
 from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +31,9 @@ from lightning.pytorch.callbacks import (
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
 from lit_surgery.core.export import export
+from lit_surgery.core.topology import Topology
 from lit_surgery.data import SurgeryDataModule
-from lit_surgery.errors import one_line, run_command
+from lit_surgery.errors import one_line
 from lit_surgery.lightning.callbacks import SurgeryReport, run_dir
 from lit_surgery.lightning.loop import attach
 from lit_surgery.lightning.module import CHECKPOINT_VERSION, CheckpointError, SurgeryModule
@@ -70,6 +74,49 @@ def check_checkpoint(path: str) -> None:
             f"ckpt_path {path!r} has surgery state version {version!r}; this lit_surgery "
             f"reads version {CHECKPOINT_VERSION}"
         )
+
+
+@dataclass(frozen=True)
+class Finished:
+    """What :func:`finish_fit` did with the winner."""
+
+    topology: Topology
+    test_acc: float | None
+    """None without a test split."""
+    directory: Path
+    """Where the export goes."""
+    weights: Path | None
+    """The exported ``model.safetensors``; None on ranks other than 0, which export nothing."""
+
+    def summary(self) -> str:
+        topo = self.topology
+        lines = [f"final topology: {topo.describe()} widths={topo.widths} params={topo.num_params}"]
+        if self.test_acc is not None:
+            lines.append(f"test accuracy: {self.test_acc:.4f}")
+        if self.weights is not None:
+            lines.append(f"exported: {self.weights}")
+        return "\n".join(lines)
+
+
+def finish_fit(
+    trainer: Trainer,
+    module: SurgeryModule,
+    datamodule: SurgeryDataModule,
+    export_dir: str | Path | None = None,
+) -> Finished:
+    """After ``fit``, what every run does with its winner (``fit`` and each tuning trial):
+    test it if the data has a test split, export it (:func:`~lit_surgery.core.export.export`)
+    to ``export_dir``, else the run's folder. Call it on every rank: testing under DDP is
+    collective and so is finding the run's folder; rank 0 alone writes the export."""
+    test_acc = None
+    if datamodule.splits is not None and datamodule.splits.x_test is not None:
+        results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
+        test_acc = results.get("test/acc")
+    directory = Path(export_dir) if export_dir else run_dir(trainer)
+    weights = export(module.net, directory) if trainer.is_global_zero else None
+    return Finished(
+        module.topology, None if test_acc is None else float(test_acc), directory, weights
+    )
 
 
 class SurgeryCLI(LightningCLI):
@@ -160,32 +207,22 @@ class SurgeryCLI(LightningCLI):
         self._check_data()
 
     def after_fit(self) -> None:
-        trainer, module = self.trainer, self.model
-        datamodule = self.datamodule
-        results = {}
-        if datamodule.splits is not None and datamodule.splits.x_test is not None:
-            # every rank: testing under DDP is collective
-            results = trainer.test(module, datamodule=datamodule, verbose=False)[0]
-        directory = self.config[self.subcommand].get("export_dir") or run_dir(trainer)
-        if not trainer.is_global_zero:
-            return
-        path = export(module.net, directory)
-        topo = module.topology
-        print(f"final topology: {topo.describe()} widths={topo.widths} params={topo.num_params}")
-        if "test/acc" in results:
-            print(f"test accuracy: {results['test/acc']:.4f}")
-        print(f"exported: {path}")
+        export_dir = self.config[self.subcommand].get("export_dir")
+        finished = finish_fit(self.trainer, self.model, self.datamodule, export_dir)
+        if self.trainer.is_global_zero:
+            print(finished.summary())
 
 
-def main(args: list[str] | None = None) -> None:
-    """``python train.py ...`` (``args``: instead of ``sys.argv``); a user error prints one
-    line and exits with status 2."""
-
-    def command(argv: list[str]) -> None:
-        if args is None:
-            sys.argv[1:] = argv  # without --debug: DDP re-launches this script with sys.argv
-        SurgeryCLI(args=argv if args is not None else None)
-        if torch.distributed.is_available() and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()  # DDP: exit cleanly, not via atexit
-
-    run_command("train.py", command, sys.argv[1:] if args is None else args)
+def run_cli(argv: list[str], *, prog: str, own_argv: bool) -> None:
+    """:class:`SurgeryCLI` on ``argv`` (``fit --config ...``), ``prog`` naming the command in
+    its help. ``own_argv``: ``argv`` is this process's command line, which then becomes
+    ``sys.argv[1:]`` as parsed (less ``--debug``, which the environment passes on): DDP
+    starts the other ranks with ``sys.argv``."""
+    kwargs: dict[str, Any] = {"parser_kwargs": {"prog": prog, "exit_on_error": False}}
+    if own_argv:
+        sys.argv[1:] = argv
+    else:
+        kwargs["args"] = argv
+    SurgeryCLI(**kwargs)
+    if torch.distributed.is_available() and torch.distributed.is_initialized():
+        torch.distributed.destroy_process_group()  # DDP: exit cleanly, not via atexit
