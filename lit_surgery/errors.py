@@ -10,11 +10,9 @@ traceback instead. Plain Python, so the core can raise these without importing t
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
-from typing import NoReturn
 
 DEBUG_ENV = "LIT_SURGERY_DEBUG"
 USAGE_STATUS = 2
@@ -26,14 +24,6 @@ class UserError(ValueError):
 
 class UsageError(UserError):
     """Bad command-line arguments."""
-
-
-class ArgParser(argparse.ArgumentParser):
-    """argparse that raises :class:`UsageError` instead of printing usage and exiting, so
-    that every command reports bad input the same way."""
-
-    def error(self, message: str) -> NoReturn:
-        raise UsageError(f"{message} (see {self.prog} --help)")
 
 
 def one_line(err: BaseException) -> str:

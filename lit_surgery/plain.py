@@ -6,7 +6,6 @@ optimiser state between cycles (carried across surgery by the policy).
 
 from __future__ import annotations
 
-import sys
 import time
 from collections.abc import Iterator, Sequence
 from functools import partial
@@ -21,7 +20,6 @@ from lit_surgery.core.state import Branch, CandidateRecord
 from lit_surgery.core.topology import Topology
 from lit_surgery.core.training import train_branch
 from lit_surgery.data import TensorBatches, TensorSplits, digits, random_batches
-from lit_surgery.errors import ArgParser, run_command
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
 
@@ -141,38 +139,38 @@ def run(
     return surgeon.run(net), surgeon
 
 
-def main(argv: Sequence[str] | None = None) -> None:
-    parser = ArgParser(
-        prog="lit-surgery plain", description="Neural network surgery on digits, plain PyTorch."
-    )
-    parser.add_argument("--hidden", type=int, nargs="+", default=[4], help="start widths")
-    parser.add_argument("--max-epochs", type=int, default=40)
-    parser.add_argument("--initial-epochs", type=int, default=5)
-    parser.add_argument("--epoch-step", type=int, default=5)
-    parser.add_argument("--paper", action="store_true", help="the reference's choices")
-    parser.add_argument("--random-walk", action="store_true")
-    parser.add_argument("--optimizer", choices=sorted(OPTIMIZERS), default="sgd")
-    parser.add_argument("--lr", type=float, default=0.02)
-    parser.add_argument("--momentum", type=float, default=0.9)
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args(argv)
+def main(
+    hidden: Sequence[int],
+    *,
+    max_epochs: int,
+    initial_epochs: int,
+    epoch_step: int,
+    paper: bool,
+    random_walk: bool,
+    optimizer: str,
+    lr: float,
+    momentum: float,
+    batch_size: int,
+    seed: int,
+) -> None:
+    """``lit-surgery plain`` (its options and defaults: :func:`lit_surgery.cli.plain_parser`):
+    surgery on digits, then the winner and what it cost."""
     schedule = dict(
-        max_epochs=args.max_epochs,
-        initial_epochs=args.initial_epochs,
-        epoch_step=args.epoch_step,
-        random_walk=args.random_walk,
+        max_epochs=max_epochs,
+        initial_epochs=initial_epochs,
+        epoch_step=epoch_step,
+        random_walk=random_walk,
     )
-    settings = SurgerySettings.paper(**schedule) if args.paper else SurgerySettings(**schedule)
+    settings = SurgerySettings.paper(**schedule) if paper else SurgerySettings(**schedule)
     start = time.perf_counter()
     best, surgeon = run(
-        args.hidden,
+        hidden,
         settings,
-        seed=args.seed,
-        optimizer=args.optimizer,
-        lr=args.lr,
-        momentum=args.momentum,
-        batch_size=args.batch_size,
+        seed=seed,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        batch_size=batch_size,
     )
     elapsed = time.perf_counter() - start
     diverged = surgeon.history.diverged
@@ -186,7 +184,3 @@ def main(argv: Sequence[str] | None = None) -> None:
         f"{best.epochs} epochs in its lineage, {surgeon.history.epochs_trained} epochs "
         f"trained in all, {surgeon.history.batches_screened} screening batches, {elapsed:.1f} s)"
     )
-
-
-if __name__ == "__main__":
-    run_command("lit-surgery plain", main, sys.argv[1:])

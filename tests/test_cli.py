@@ -1,12 +1,20 @@
-"""`python train.py fit|validate|test|predict --config ...` through LightningCLI."""
+"""The command line: `lit-surgery fit|validate|test|predict --config ...` (LightningCLI, also
+`python train.py ...`), and the parsers of `lit-surgery tune` and `lit-surgery plain`."""
 
+import inspect
+import re
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from lit_surgery.lightning.cli import main
+from lit_surgery import cli
+from lit_surgery.cli import main
+
+# Lightning's log handlers write to the stderr of the moment it is imported: here, not a
+# test's captured (and then closed) one
+from lit_surgery.lightning.cli import SurgeryCLI
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = ["--model.surgery.max_epochs=6", "--model.surgery.initial_epochs=2",
@@ -64,10 +72,91 @@ def test_print_config_shows_surgery_settings(capsys):
 
 
 def test_train_py_is_the_entry_point():
-    result = subprocess.run([sys.executable, "train.py", "--help"], cwd=ROOT, text=True,
+    result = subprocess.run([sys.executable, "train.py", "fit", "--help"], cwd=ROOT, text=True,
                             capture_output=True, check=True)
-    for sub in ("fit", "validate", "test", "predict"):
-        assert sub in result.stdout
+    assert result.stdout.startswith("usage: train.py [options] fit ")
+    assert "--model.surgery.max_epochs" in result.stdout and "--print_config" in result.stdout
+
+
+def _option_help(text: str) -> dict[str, str]:
+    """Each option of a ``--help`` text and its own words (jsonargparse's type and default
+    left out)."""
+    helps: dict[str, str] = {}
+    for line in text.split("options:")[-1].splitlines():
+        if line.startswith("  -"):
+            names, _, words = line.strip().partition("  ")
+            option = names.split()[0].rstrip(",")
+            helps[option] = words
+        elif line.startswith(" " * 8) and helps:
+            helps[option] += " " + line.strip()
+    return {k: re.sub(r"\((type: .*?, )?default: .*?\)$", "", " ".join(v.split())).strip()
+            for k, v in helps.items()}
+
+
+def test_help_lists_every_command_and_every_option(capsys):
+    main([])  # no command: the help, exit status 0
+    top = capsys.readouterr().out
+    assert top.startswith("usage: lit-surgery {fit,validate,test,predict,tune,plain} ...")
+    for name, help_ in cli.COMMANDS.items():
+        assert f"    {name} " in top and " ".join(help_.split()[:3]) in top
+    for command, options in [
+        ("tune", ["--storage", "--study-name", "--n-trials", "--total-trials", "--out-dir",
+                  "--set", "--sampler-seed", "--heartbeat-interval", "--grace-period",
+                  "--max-retry", "--threads", "--check", "--export", "--trial"]),
+        ("plain", ["--hidden", "--max-epochs", "--initial-epochs", "--epoch-step", "--paper",
+                   "--random-walk", "--optimizer", "--lr", "--momentum", "--batch-size",
+                   "--seed"]),
+    ]:
+        with pytest.raises(SystemExit) as exit_:
+            main([command, "--help"])
+        assert exit_.value.code == 0
+        text = capsys.readouterr().out
+        assert text.startswith(f"usage: lit-surgery [options] {command} ")
+        helps = _option_help(text)
+        assert sorted(helps) == sorted(["-h", *options])
+        assert all(helps.values()), helps  # every option says what it is for
+
+
+TUNE = ["tune", "s.yaml", "--storage", "memory", "--study-name", "s", "--n-trials", "1",
+        "--total-trials", "2", "--out-dir", "o", "--set", "a=1", "--set", "b.c=[2]",
+        "--sampler-seed", "3", "--heartbeat-interval", "4", "--grace-period", "5",
+        "--max-retry", "0", "--threads", "0", "--check", "--export", "e.yaml", "--trial", "7"]
+PLAIN = ["plain", "--hidden", "4", "5", "--max-epochs", "9", "--initial-epochs", "3",
+         "--epoch-step", "2", "--paper", "--random-walk", "--optimizer", "adam", "--lr", "0.1",
+         "--momentum", "0.5", "--batch-size", "8", "--seed", "6"]
+
+
+def test_tune_and_plain_keep_their_option_spellings_and_defaults():
+    from lit_surgery import plain
+    from lit_surgery.tune import study
+
+    parser = cli.build_parser()
+    tune = parser.parse_args(TUNE).tune.as_dict()
+    assert tune == {
+        "sweep": "s.yaml", "storage": "memory", "study_name": "s", "n_trials": 1,
+        "total_trials": 2, "out_dir": "o", "sets": ["a=1", "b.c=[2]"], "sampler_seed": 3,
+        "heartbeat_interval": 4, "grace_period": 5, "max_retry": 0, "threads": 0,
+        "check": True, "export": "e.yaml", "trial": 7,
+    }
+    assert parser.parse_args(["tune", "s.yaml"]).tune.as_dict() == {
+        **dict.fromkeys(tune, None), "sweep": "s.yaml", "out_dir": "runs/tune", "sets": [],
+        "threads": 1, "check": False,
+    }
+    assert parser.parse_args(PLAIN).plain.as_dict() == {
+        "hidden": [4, 5], "max_epochs": 9, "initial_epochs": 3, "epoch_step": 2, "paper": True,
+        "random_walk": True, "optimizer": "adam", "lr": 0.1, "momentum": 0.5, "batch_size": 8,
+        "seed": 6,
+    }
+    assert parser.parse_args(["plain"]).plain.as_dict() == {
+        "hidden": [4], "max_epochs": 40, "initial_epochs": 5, "epoch_step": 5, "paper": False,
+        "random_walk": False, "optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "batch_size": 32,
+        "seed": 0,
+    }
+    # what the parsers give is what the commands take, by name
+    assert set(inspect.signature(study.tune).parameters) == {*tune, "console"}
+    assert list(inspect.signature(plain.main).parameters) == list(
+        parser.parse_args(["plain"]).plain.as_dict())
+    assert set(cli.OPTIMIZERS) == set(plain.OPTIMIZERS)
 
 
 def test_cli_defaults_wandb_offline_checkpoint_lr_monitor_rich_bar_report():
@@ -75,7 +164,6 @@ def test_cli_defaults_wandb_offline_checkpoint_lr_monitor_rich_bar_report():
     from lightning.pytorch.loggers import WandbLogger
 
     from lit_surgery.lightning.callbacks import SurgeryReport
-    from lit_surgery.lightning.cli import SurgeryCLI
     from lit_surgery.lightning.loop import SurgeryFitLoop
 
     cli = SurgeryCLI(args=["--config", str(ROOT / "configs/digits.yaml"), "--model.seed=3"],
@@ -95,7 +183,6 @@ def test_what_the_user_turns_off_stays_off(tmp_path, capsys, monkeypatch):
     monitor, checkpoint callback, rich bar) follow, and the run still tests and exports."""
     from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, ProgressBar
 
-    from lit_surgery.lightning.cli import SurgeryCLI
 
     monkeypatch.chdir(tmp_path)
     off = ["--trainer.logger=false", "--trainer.enable_checkpointing=false",
@@ -109,3 +196,17 @@ def test_what_the_user_turns_off_stays_off(tmp_path, capsys, monkeypatch):
     assert "test accuracy: " in out and "exported: " in out
     assert (tmp_path / "model.safetensors").is_file()  # default_root_dir: no logger's dir
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_plain_command_runs_without_lightning():
+    """``lit-surgery plain`` imports only what it runs (the parsers import no Lightning)."""
+    from test_layout import BLOCK
+
+    code = BLOCK + (
+        "from lit_surgery.cli import main\n"
+        "main(['plain', '--hidden', '4', '--max-epochs', '2', '--initial-epochs', '1',"
+        " '--epoch-step', '1'])\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                            check=True)
+    assert "final topology: 64-[" in result.stdout

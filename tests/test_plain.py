@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 
+from lit_surgery.cli import main
 from lit_surgery.core.network import build
 from lit_surgery.core.operators import GROW, SHRINK
 from lit_surgery.core.settings import SurgerySettings
@@ -13,7 +14,7 @@ from lit_surgery.core.state import Branch
 from lit_surgery.core.topology import Topology
 from lit_surgery.core.training import evaluate, train_branch
 from lit_surgery.data import digits
-from lit_surgery.plain import PlainTrainer, main, run
+from lit_surgery.plain import PlainTrainer, run
 
 SCHEDULE = dict(max_epochs=40, initial_epochs=5, epoch_step=5)
 
@@ -49,7 +50,8 @@ def test_paper_mode_runs_end_to_end():
 
 
 def test_command_line_prints_generations_and_result(capsys):
-    main(["--hidden", "6", "--max-epochs", "6", "--initial-epochs", "2", "--epoch-step", "2"])
+    main(["plain", "--hidden", "6", "--max-epochs", "6", "--initial-epochs", "2", "--epoch-step",
+          "2"])
     out = capsys.readouterr().out
     assert out.count("generation ") == 2
     assert "final topology: 64-[" in out and "final validation accuracy: " in out
@@ -79,8 +81,8 @@ def test_diverging_learning_rate_ends_with_a_finite_winner_and_names_what_diverg
     assert "diverged: #0 (generation 0, training, after 2 epochs)" in out
     assert f"kept last good [{start['kept'][0]}]: root #0 diverged" in out
 
-    main(["--hidden", "4", "--max-epochs", "4", "--initial-epochs", "2", "--epoch-step", "2",
-          "--lr", "1000"])
+    main(["plain", "--hidden", "4", "--max-epochs", "4", "--initial-epochs", "2", "--epoch-step",
+          "2", "--lr", "1000"])
     out = capsys.readouterr().out
     assert "branches diverged and were dropped: #0" in out
     assert "final validation accuracy: nan" not in out

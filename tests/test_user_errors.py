@@ -6,6 +6,7 @@ import os
 import re
 import subprocess
 import sys
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +14,12 @@ import pytest
 import torch
 import yaml
 
+# Lightning's log handlers write to the stderr of the moment it is imported: here, not a
+# test's captured (and then closed) one
+import lit_surgery.lightning.cli  # noqa: F401
 from lit_surgery import cli
-from lit_surgery.lightning.cli import main as train_main
+
+train_main = partial(cli.main, prog="train.py")  # python train.py ...
 
 ROOT = Path(__file__).resolve().parents[1]
 DIGITS = str(ROOT / "configs" / "digits.yaml")
@@ -89,14 +94,21 @@ CASES = [
     ("bad --set", "lit", ["tune", "{sweep.yaml}", "--set", "data.batch_size"],
      "--set 'data.batch_size': expected KEY=VALUE"),
     ("negative trials", "lit", ["tune", "{sweep.yaml}", "--n-trials=-1", "--out-dir={out}"],
-     "--n-trials=-1 must be >= 0"),
+     '"n_trials": Not of type NonNegativeInt: -1 does not conform to restriction v>=0'),
+    ("zero heartbeat", "lit", ["tune", "{sweep.yaml}", "--heartbeat-interval", "0"],
+     '"heartbeat_interval": Not of type PositiveInt: 0 does not conform to restriction v>0'),
+    ("tune no sweep", "lit", ["tune", "--check"],
+     "the following arguments are required: tune.sweep"),
+    ("fit setting", "lit", ["fit", "--config", DIGITS, *SHORT, "--model.surgery.epoch_step=0"],
+     "epoch_step=0 is invalid: an integer >= 1"),
     ("tune option", "lit", ["tune", "{sweep.yaml}", "--bogus"], "unrecognized arguments: --bogus"),
     ("plain width", "lit", ["plain", "--hidden", "0"], "layer width must be a positive integer"),
     ("plain schedule", "lit", ["plain", "--max-epochs", "2", "--initial-epochs", "5"],
      "max_epochs=2 is invalid"),
     ("plain optimizer", "lit", ["plain", "--optimizer", "rmsprop"],
      "argument --optimizer: invalid choice: 'rmsprop'"),
-    ("command", "lit", ["fitt"], "unknown command 'fitt'; choose one of plain, tune"),
+    ("command", "lit", ["fitt"], "invalid choice: 'fitt' (choose from 'fit', 'validate', "
+     "'test', 'predict', 'tune', 'plain')"),
 ]
 PROGS = {"train": "train.py", "lit": "lit-surgery"}
 
@@ -125,7 +137,8 @@ def test_bad_input_is_one_line_and_status_2(tmp_path, monkeypatch, capsys, comma
     assert exit_.value.code == 2
     err = capsys.readouterr().err.strip().splitlines()
     line = err[-1]  # before it, at most Lightning's own start-up notes
-    assert line.startswith(f"{PROGS[command]}") and ": error: " in line, err
+    known = args[0] if args[0] in cli.COMMANDS else None  # the command, as the user typed it
+    assert line.startswith(" ".join(filter(None, (PROGS[command], known))) + ": error: "), err
     assert message in line
     assert "Traceback" not in "\n".join(err)
     assert _written(run) == []  # no config, log, checkpoint, study or export
@@ -139,7 +152,7 @@ def test_the_status_and_the_traceback_from_a_real_process(tmp_path):
     plain = subprocess.run(argv, cwd=tmp_path, env=env, capture_output=True, text=True)
     assert plain.returncode == 2
     assert plain.stderr.strip().splitlines()[-1] == (
-        "train.py: error: epoch_step=0 is invalid: an integer >= 1")
+        "train.py fit: error: epoch_step=0 is invalid: an integer >= 1")
     assert "Traceback" not in plain.stderr
     debug = subprocess.run([*argv, "--debug"], cwd=tmp_path, env=env, capture_output=True,
                            text=True)
