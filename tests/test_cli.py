@@ -210,3 +210,19 @@ def test_plain_command_runs_without_lightning():
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                             check=True)
     assert "final topology: 64-[" in result.stdout
+
+
+def test_finished_summary_says_what_was_done():
+    """What ``fit`` prints after :func:`finish_fit`: no test line without a test split, no
+    export line on a rank that exported nothing."""
+    from lit_surgery.core.topology import Topology
+    from lit_surgery.lightning.cli import Finished
+
+    topo = Topology.mlp(64, [4], 10)
+    full = Finished(topo, 0.91234, Path("run"), Path("run/model.safetensors")).summary()
+    assert full.splitlines() == [
+        f"final topology: {topo.describe()} widths=[4] params={topo.num_params}",
+        "test accuracy: 0.9123",
+        "exported: run/model.safetensors",
+    ]
+    assert Finished(topo, None, Path("run"), None).summary() == full.splitlines()[0]
