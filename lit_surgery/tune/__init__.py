@@ -1,1 +1,2 @@
-"""Optuna studies of the surgery's own settings: sweep files and the study runner."""
+"""Optuna studies of the surgery's own settings: sweep files, the study, its storage and
+its results."""
