@@ -33,7 +33,8 @@ from lit_surgery import cli
 from lit_surgery.errors import UsageError
 from lit_surgery.tune import storage as storages
 from lit_surgery.tune import study as tuning
-from lit_surgery.tune.sweep import Heartbeat, check_sweep, load_sweep
+from lit_surgery.tune.sweep import Heartbeat, load_sweep
+from lit_surgery.tune.trials import check_sweep
 
 ROOT = Path(__file__).resolve().parents[1]
 SHORT = {
@@ -597,7 +598,8 @@ import alembic.script, matplotlib.pyplot, optuna.visualization.matplotlib, psyco
 import sklearn.datasets, sqlalchemy.dialects.postgresql.psycopg, wandb
 import lit_surgery.tune.study  # the slow imports: once, before the workers fork
 from lit_surgery import cli
-from lit_surgery.tune.sweep import check_sweep, load_sweep
+from lit_surgery.tune.trials import check_sweep
+from lit_surgery.tune.sweep import load_sweep
 
 with contextlib.redirect_stdout(sys.stderr):  # stdout answers the test
     check_sweep(load_sweep(sys.argv[1]))  # the first parsing of a config is slow too

@@ -16,7 +16,8 @@ from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console
 from rich.table import Table
 
-from lit_surgery.tune.sweep import Sweep, SweepError, trial_config
+from lit_surgery.tune.sweep import Sweep, SweepError
+from lit_surgery.tune.trials import trial_config
 
 
 def _short(name: str) -> str:

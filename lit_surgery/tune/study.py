@@ -39,18 +39,13 @@ from rich.console import Console
 from lit_surgery.lightning.cli import finish_fit
 from lit_surgery.lightning.loop import attach
 from lit_surgery.lightning.module import SurgeryModule
+from lit_surgery.tune.metrics import METRICS, TrialResult
 from lit_surgery.tune.results import export_trial, summarize, trial_line
 from lit_surgery.tune.storage import default_storage, open_storage
-from lit_surgery.tune.sweep import (
-    METRICS,
-    Heartbeat,
-    Sweep,
-    SweepError,
-    TrialResult,
-    check_heartbeat,
+from lit_surgery.tune.sweep import Heartbeat, Sweep, SweepError, check_heartbeat, load_sweep
+from lit_surgery.tune.trials import (
     check_sweep,
     instantiate,
-    load_sweep,
     make_pruner,
     make_sampler,
     runtime_config,
