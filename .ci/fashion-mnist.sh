@@ -5,14 +5,6 @@
 set -euo pipefail
 DIR=/usr/share/datasets/fashion-mnist
 [ -f "$DIR/train-images-idx3-ubyte.gz" ] && exit 0
-log() { echo "fashion-mnist.sh: $*" >&2; }
-sudo=""
-if [ "$(id -u)" != 0 ]; then
-  command -v sudo >/dev/null || { log "run as root or install dataset-fashion-mnist (apt)"; exit 1; }
-  sudo="sudo -n"
-fi
-command -v apt-get >/dev/null || { log "no apt-get: put the Fashion-MNIST IDX files in $DIR"; exit 1; }
-log "installing dataset-fashion-mnist (apt-get, about 30 MB)"
-$sudo apt-get update -qq >&2
-DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends dataset-fashion-mnist >&2
-[ -f "$DIR/train-images-idx3-ubyte.gz" ] || { log "installed, but $DIR has no train-images-idx3-ubyte.gz"; exit 1; }
+bash "$(dirname "$0")/apt-install.sh" dataset-fashion-mnist
+[ -f "$DIR/train-images-idx3-ubyte.gz" ] || {
+  echo "fashion-mnist.sh: installed, but $DIR has no train-images-idx3-ubyte.gz" >&2; exit 1; }

@@ -17,17 +17,7 @@ log() { echo "postgres.sh: $*" >&2; }
 
 bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
 
-install_postgres() {
-  local sudo=""
-  if [ "$(id -u)" != 0 ]; then
-    command -v sudo >/dev/null || { log "PostgreSQL is missing; install it (apt-get install postgresql) or run as root"; exit 1; }
-    sudo="sudo -n"
-  fi
-  command -v apt-get >/dev/null || { log "PostgreSQL is missing and there is no apt-get; install it and retry"; exit 1; }
-  log "installing PostgreSQL (apt-get install postgresql)"
-  $sudo apt-get update -qq >&2
-  DEBIAN_FRONTEND=noninteractive $sudo apt-get install -y -qq --no-install-recommends postgresql >&2
-}
+install_postgres() { bash "$(dirname "$0")/apt-install.sh" postgresql; }
 
 # Run a server binary as the cluster's owner.
 as_owner() {
