@@ -134,3 +134,17 @@ def test_bottleneck_ranking_widens_the_most_compressive_saturated_layer():
     assert best_per_type(cands, "bottleneck")[0].layer == 0  # 64 inputs per 4 units
     assert best_per_type(cands, "modest")[0].layer == 1  # the cheapest widening
     assert best_per_type(cands, "bottleneck")[0].amount == 2  # then the smaller change
+
+
+def test_size_budget_drops_growth_above_it_and_keeps_shrinking_steps():
+    torch.manual_seed(0)
+    net = build(Topology.mlp(64, [8, 8], 10))  # 680 parameters
+    before = net.topology.num_params
+    free = propose(net, SurgerySettings())
+    assert any(before * c.param_ratio > 1000 for c in free)  # the budget has work to do
+    budget = propose(net, SurgerySettings(max_params=1000))
+    assert budget and all(round(before * c.param_ratio) <= 1000 for c in budget)
+    assert {c for c in free if round(before * c.param_ratio) <= 1000} == set(budget)
+    # a start above the budget may still shrink, never grow
+    above = propose(net, SurgerySettings(max_params=100))
+    assert above and all(c.param_ratio < 1 for c in above)

@@ -190,6 +190,27 @@ def test_exported_config_trains_and_reproduces_the_trial(
 # Failures, pruning, several objectives
 
 
+def test_an_accuracy_only_study_with_a_size_budget_never_exceeds_it(tmp_path):
+    """model.surgery.max_params: no branch of any trial (screened, trained or the winner) has
+    more parameters, though the search asks for accuracy alone (no size penalty). The start,
+    64-[4]-10, has 310; AN x20 alone would make 1,810."""
+    budget = 600
+    sweep = write_sweep(
+        tmp_path / "b.yaml",
+        overrides={**SHORT, "model.surgery.max_epochs": 6, "model.surgery.max_params": budget,
+                   "model.surgery.size_penalty": 0.0, "model.surgery.add_multiplier": 10},
+        params={"model.optimizer.init_args.lr": PARAMS["model.optimizer.init_args.lr"]},
+    )
+    study = tune(str(sweep), "--storage", "memory", "--out-dir", str(tmp_path), "--n-trials", "2")
+    assert states(study) == ["COMPLETE"] * 2
+    sizes = []
+    for trial in study.trials:
+        assert trial.user_attrs["num_params"] <= budget
+        history = json.loads((Path(trial.user_attrs["run_dir"]) / "history.json").read_text())
+        sizes += [node["num_params"] for node in history["genealogy"].values()]
+    assert len(sizes) > 2 and max(sizes) <= budget and max(sizes) > 310  # it did grow
+
+
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(tmp_path, monkeypatch):
     real = tuning.fit_trial
     calls = []

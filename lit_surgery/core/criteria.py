@@ -88,7 +88,8 @@ def layer_is_finite(net: SurgeryNet, layer: int) -> bool:
 
 def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
     """All candidates for ``net`` (``B`` not included), each with weight and parameter ratio,
-    under ``settings``' thresholds, AN amounts, AL activation and type weights."""
+    under ``settings``' thresholds, AN amounts, AL activation, type weights and size budget
+    (``max_params``)."""
     s = settings
     topo = net.topology
     raw: list[Candidate] = []
@@ -115,11 +116,14 @@ def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
     result = []
     for c in raw:
         try:
-            ratio = topology_after(topo, c).num_params / topo.num_params
+            after = topology_after(topo, c).num_params
         except OperatorError:
             continue  # e.g. RL of the only layer, T that would not truncate
+        ratio = after / topo.num_params
         if c.op == "T" and ratio >= 1:
             continue  # a factorisation that does not save parameters only costs screening
+        if s.max_params is not None and after > s.max_params and ratio >= 1:
+            continue  # over the size budget (a shrinking step of a network above it is kept)
         weight = c.weight * s.type_weights.get(c.op, 1.0)
         result.append(replace(c, weight=weight, param_ratio=ratio))
     return result

@@ -52,12 +52,20 @@ class Bounds:
         return f"a number in {'(' if self.open_low else '['}{self.low}, {self.high}]"
 
 
-def _number(default: float, low: float, high: float = math.inf, open_low: bool = False) -> Any:
+def _number(
+    default: float | None, low: float, high: float = math.inf, open_low: bool = False
+) -> Any:
     return field(default=default, metadata={"bounds": Bounds(low, high, open_low)})
 
 
 def _rejects(value: Any, hint: Any, spec: Field[Any]) -> str | None:
     """What ``spec``'s setting allows, if ``value`` (of type ``hint``) is not that; else None."""
+    if type(None) in get_args(hint):  # optional: None, or what the other type allows
+        if value is None:
+            return None
+        (hint,) = (a for a in get_args(hint) if a is not type(None))
+        allowed = _rejects(value, hint, spec)
+        return None if allowed is None else f"{allowed}, or null (no limit)"
     if get_origin(hint) is Literal:
         return None if value in get_args(hint) else f"one of {get_args(hint)}"
     if hint is bool:
@@ -109,6 +117,9 @@ class SurgerySettings:
         select_by: the final winner by validation ``accuracy`` or by ``score`` (reference).
         random_walk: the ablation baseline: one random candidate per generation, no
             screening.
+        max_params: a size budget: no candidate with more parameters is proposed (except
+            shrinking ones, so a start above the budget can come down to it); ``None``: no
+            limit.
     """
 
     epoch_step: int = _number(10, 1)
@@ -136,6 +147,7 @@ class SurgerySettings:
     explore: bool = True
     select_by: SelectBy = "accuracy"
     random_walk: bool = False
+    max_params: int | None = _number(None, 1)
 
     def __post_init__(self) -> None:
         self.screen_batches = {**SCREEN_BATCHES, **dict(self.screen_batches)}
