@@ -159,9 +159,19 @@ class SurgeryCLI(LightningCLI):
     def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
         super().parse_arguments(parser, args)
         subcommand = self.config.get("subcommand")
-        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        config = self.config[subcommand] if subcommand else self.config
+        ckpt_path = config.get("ckpt_path")
         if ckpt_path:
             check_checkpoint(str(ckpt_path))
+        # W&B's service process resolves a relative save_dir against its own working
+        # directory (where the process's first W&B run started), so a later run in another
+        # directory would write its files there: make it absolute.
+        loggers = config.get("trainer.logger")
+        for logger in loggers if isinstance(loggers, list) else [loggers]:
+            if str(getattr(logger, "class_path", "")).endswith("WandbLogger"):
+                save_dir = logger.init_args.get("save_dir")
+                if save_dir:
+                    logger.init_args.save_dir = os.path.abspath(save_dir)
 
     def _instantiate_trainer(self, config: dict, callbacks: list) -> Trainer:
         """The defaults this CLI adds follow what the user turned off: no checkpoint
