@@ -15,7 +15,12 @@ DB=lit_surgery_test
 
 log() { echo "postgres.sh: $*" >&2; }
 
-bindir() { ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1; }
+# The newest server's bin folder (one with initdb: the client package alone has psql), or "".
+bindir() {
+  local f
+  f=$( (ls /usr/lib/postgresql/*/bin/initdb 2>/dev/null || true) | sort -V | tail -n 1)
+  if [ -n "$f" ]; then dirname "$f"; fi
+}
 
 install_postgres() { bash "$(dirname "$0")/apt-install.sh" postgresql; }
 
