@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: setup train test lint clean postgres postgres-stop tune
+.PHONY: setup train test lint clean postgres postgres-stop tune reproduce
 
 setup: $(VENV)/.installed
 
@@ -46,6 +46,14 @@ postgres-stop:
 # The digits study (40 trials, about 3 minutes on 2 CPU cores); re-running resumes it.
 tune: setup
 	$(VENV)/bin/lit-surgery tune sweeps/digits.yaml
+
+# docs/RESULTS.md: every method on Fashion-MNIST and digits, 3 seeds (many CPU hours; an
+# interrupted run resumes from runs/reproduce). QUICK=1: digits, quick schedule (minutes).
+# JOBS runs side by side, one thread each (default: one per core).
+JOBS ?= $(shell nproc)
+reproduce: setup
+	$(if $(QUICK),,bash .ci/fashion-mnist.sh)
+	$(PY) -m lit_surgery.report.reproduce $(if $(QUICK),--quick) --jobs $(JOBS)
 
 lint: setup
 	$(VENV)/bin/ruff check .

@@ -1,0 +1,140 @@
+"""``make reproduce``: run the grid of :mod:`lit_surgery.report.experiments` (several runs side
+by side, one thread each; finished cells are kept, so an interrupted run resumes) and write
+``docs/RESULTS.md`` with :mod:`lit_surgery.report.results_page`.
+
+    python -m lit_surgery.report.reproduce [--quick] [--jobs N] [--out docs/RESULTS.md]
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import multiprocessing
+import os
+import platform
+import subprocess
+import sys
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import asdict
+from pathlib import Path
+
+from lit_surgery.report.experiments import (
+    Cell,
+    Grid,
+    Results,
+    planned,
+    run_cell,
+    runnable,
+)
+from lit_surgery.report.results_page import write_page
+
+
+def run_grid(grid: Grid, results: Results, jobs: int) -> int:
+    """Run every cell of ``grid`` not in ``results``; cells whose inputs come from other cells
+    start as soon as those finish. ``jobs=1`` runs them in this process. Returns the number
+    of cells run."""
+    started, done = time.perf_counter(), 0
+
+    def finish(cell: Cell, result: dict, running: int) -> None:
+        nonlocal done
+        results.put(cell, result)
+        done += 1
+        print(
+            f"[{done} done, {running} running, {time.perf_counter() - started:.0f} s] "
+            f"{cell.key}: val {result['val']:.4f} test {result['test']:.4f} "
+            f"{result['num_params']} params {result['wall']:.1f} s",
+            flush=True,
+        )
+
+    if jobs == 1:
+        while cells := runnable(grid, results):
+            for cell in cells:
+                finish(cell, run_cell(cell, grid), 0)
+        return done
+    context = multiprocessing.get_context("spawn")  # no threads or torch state inherited
+    with ProcessPoolExecutor(jobs, mp_context=context) as pool:
+        running: dict[Future, Cell] = {}
+        while True:
+            busy = set(running.values())
+            for cell in runnable(grid, results):
+                if cell not in busy and len(running) < 2 * jobs:
+                    running[pool.submit(run_cell, cell, grid)] = cell
+                    busy.add(cell)
+            if not running:
+                return done
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                cell = running.pop(future)
+                finish(cell, future.result(), len(running))
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "describe", "--always", "--dirty"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).parent,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def header(grid: Grid, command: str) -> list[str]:
+    schedules = ", ".join(
+        f"{s.name} ({s.initial_epochs} initial epochs, a generation every {s.epoch_step}, "
+        f"{s.max_epochs} in all)"
+        for s in grid.schedules
+    )
+    return [
+        "# Results",
+        "",
+        f"Written by `{command}` at commit `{_commit()}` on "
+        f"{datetime.date.today().isoformat()}, {platform.machine()} with {os.cpu_count()} "
+        "CPU cores, one thread per run. Every number below comes from the runs; the verdicts "
+        "are computed from them (lit_surgery/report/results_page.py).",
+        "",
+        "Protocol:",
+        f"- data: {', '.join(grid.datasets)}; the validation split (10%) is held out from the "
+        "training images, the test split is evaluated once, on the network a run ends with;",
+        f"- schedules: {schedules}; every method trains for the same epochs of its network's "
+        "lineage (surgery's parallel branches and screening cost more epoch-equivalents);",
+        f"- plain SGD, batch {grid.batch_size}; the learning rate of every method is the best "
+        f"of {list(grid.lrs)} by seed 0's final validation accuracy (the Optuna search "
+        "searches it over the same values);",
+        f"- {grid.seeds} seeds per cell: mean ± standard deviation;",
+        "- wall times include screening and every other part of surgery, and the validation "
+        "evaluation after each epoch (in every method alike).",
+    ]
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="make reproduce", description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="the reduced grid (minutes)")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="runs at once")
+    parser.add_argument("--out", type=Path, default=Path("docs/RESULTS.md"))
+    parser.add_argument(
+        "--results",
+        type=Path,
+        default=None,
+        help="folder of cell results (default: runs/reproduce[-quick])",
+    )
+    args = parser.parse_args(argv)
+    if args.jobs < 1:
+        parser.error(f"--jobs must be >= 1, got {args.jobs}")
+    grid = Grid.quick() if args.quick else Grid()
+    folder = args.results or Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
+    results = Results(folder)
+    print(f"grid: {asdict(grid)}\ncell results: {folder}", flush=True)
+    run_grid(grid, results, args.jobs)
+    command = "make reproduce" + (" QUICK=1" if args.quick else "")
+    done = [r for c in planned(grid, results) if (r := results.get(c)) is not None]
+    path = write_page(done, args.out, header=header(grid, command))
+    print(f"wrote {path}", flush=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,140 @@
+"""`make reproduce`: the grid's protocol (rates chosen on seed 0, dependent methods, budgets),
+resuming, and the results page, on a tiny grid over digits."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from lit_surgery.report.experiments import METHODS, Grid, Results, Schedule, planned
+from lit_surgery.report.reproduce import main, run_grid
+from lit_surgery.report.results_page import group_results, time_to_reach, write_page
+
+TINY = Grid(
+    datasets=("digits",),
+    starts=((6,),),
+    schedules=(Schedule("tiny", 1, 1, 3),),
+    seeds=2,
+    lrs=(0.02, 0.1),
+    front=((8,),),
+)
+
+
+@pytest.fixture(scope="module")
+def finished(tmp_path_factory):
+    results = Results(tmp_path_factory.mktemp("cells"))
+    ran = run_grid(TINY, results, jobs=1)
+    return results, ran
+
+
+def _runs(results, method):
+    return [r for c in planned(TINY, results) if (r := results.get(c)) and c.method == method]
+
+
+def test_every_method_runs_every_seed_at_the_rate_chosen_on_seed_0(finished):
+    results, ran = finished
+    for method in METHODS:
+        runs = _runs(results, method)
+        seed0 = [r for r in runs if r["cell"]["seed"] == 0]
+        assert {r["cell"]["seed"] for r in runs} == {0, 1}, method
+        if method == "search":
+            assert [r["cell"]["lr"] for r in runs] == [None, None]
+            continue
+        assert sorted(r["cell"]["lr"] for r in seed0) == sorted(TINY.lrs), method
+        best = max(seed0, key=lambda r: r["val"])["cell"]["lr"]
+        (later,) = [r for r in runs if r["cell"]["seed"] == 1]
+        assert later["cell"]["lr"] == best, method
+    assert ran == len(planned(TINY, results))
+
+
+def test_scratch_trains_its_seeds_surgery_topology_and_search_keeps_the_budget(finished):
+    results, _ = finished
+    groups = {(g.method, g.hidden): g for g in group_results(_all(results))}
+    default = groups[("default", ())]
+    for run in _runs(results, "scratch"):
+        seed = run["cell"]["seed"]
+        surgery = next(r for r in default.runs if r["cell"]["seed"] == seed)
+        assert run["topology"] == surgery["topology"]
+        assert run["epoch_equivalents"] == 3  # the schedule's epochs, one network
+    for run in _runs(results, "search"):
+        surgery = next(r for r in default.runs if r["cell"]["seed"] == run["cell"]["seed"])
+        budget = run["cell"]["budget"]
+        assert budget == pytest.approx(surgery["epoch_equivalents"], abs=0.05)
+        assert budget <= run["epoch_equivalents"] < budget + 1
+    for run in _runs(results, "default"):
+        assert run["epoch_equivalents"] > 3  # parallel branches and screening count
+        assert len(run["curve"]) >= 3 and run["events"][-1]["kind"] == "end"
+
+
+def _all(results):
+    return [r for c in planned(TINY, results) if (r := results.get(c))]
+
+
+def test_a_rerun_runs_nothing_and_an_interrupted_cell_runs_again(finished):
+    results, _ = finished
+    assert run_grid(TINY, results, jobs=1) == 0
+    victim = next(iter(results.folder.glob("*.json")))
+    victim.unlink()
+    assert run_grid(TINY, results, jobs=1) == 1
+    assert not list(results.folder.glob("*.tmp"))
+
+
+def test_page_has_every_method_figures_and_verdicts(finished, tmp_path):
+    results, _ = finished
+    path = write_page(_all(results), tmp_path / "RESULTS.md", header=["# Results"])
+    text = path.read_text()
+    for label in (
+        "plain training of the start",
+        "surgery, paper mode",
+        "surgery, default",
+        "random walk",
+        "from scratch",
+        "Optuna search",
+        "[8]",
+    ):
+        assert label in text, label
+    assert "| claim | measured | holds |" in text
+    for kind in ("curves", "widths", "front"):
+        figure = tmp_path / "results_figures" / f"digits_tiny_{kind}.png"
+        assert figure.read_bytes()[:4] == b"\x89PNG"
+        assert f"results_figures/digits_tiny_{kind}.png" in text
+
+
+def test_rate_chosen_by_seed_0_validation_not_test():
+    def run(method, seed, lr, val, test):
+        cell = dict(
+            dataset="d", schedule="s", start=[4], method=method, seed=seed, lr=lr, hidden=[4]
+        )
+        return dict(cell=cell, val=val, test=test, curve=[])
+
+    runs = [
+        run("plain", 0, 0.1, 0.9, 0.5),
+        run("plain", 0, 0.01, 0.8, 0.99),  # better test, worse validation: not chosen
+        run("plain", 0, 0.03, math.nan, 1.0),  # diverged
+        run("plain", 1, 0.1, 0.7, 0.6),
+        run("plain", 1, 0.01, 0.99, 0.99),  # not the chosen rate: not reported
+    ]
+    (group,) = group_results(runs)
+    assert group.lr == 0.1
+    assert [r["cell"]["seed"] for r in group.runs] == [0, 1]
+    assert group.mean("test") == pytest.approx(0.55)
+
+
+def test_time_to_reach():
+    run = {
+        "curve": [
+            {"time": 1.0, "val": 0.5},
+            {"time": 2.0, "val": math.nan},
+            {"time": 3.0, "val": 0.8},
+        ]
+    }
+    assert time_to_reach(run, 0.7) == 3.0
+    assert time_to_reach(run, 0.9) is None
+
+
+def test_bad_jobs_is_refused(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(["--quick", "--jobs", "0"])
+    assert exit_info.value.code == 2
+    assert "--jobs must be >= 1, got 0" in capsys.readouterr().err
