@@ -1,6 +1,8 @@
 """Run by tests/test_ddp.py: a 2-process CPU (gloo) DDP fit with surgery that records, on
 every rank, a hash of all parameters and of the optimiser state after each surgery, after
-each epoch's training and at the end; rank 0 writes all ranks' hashes to argv[1]."""
+each epoch's training and at the end; rank 0 writes all ranks' hashes to argv[1], with
+the parameters themselves after each epoch before the first surgery. argv[3] is
+data.steps_per_batch (above 1: manual optimisation with its own gradient all-reduce)."""
 
 import hashlib
 import json
@@ -16,6 +18,11 @@ from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.loop import attach
 from lit_surgery.lightning.module import SurgeryModule
+
+# 1,616 training samples (181 for validation, none for test): two ranks drop none, so their
+# global batches are a single process's batches of twice the size (tests/test_ddp.py
+# compares the two)
+DATA = dict(val_fraction=0.1006, use_test_as_val=True)
 
 
 def _digest(tensors) -> str:
@@ -40,6 +47,9 @@ class HashCheck(Callback):
         dist.all_gather_object(gathered, mine)
         self.records.append({"label": label, "epoch": trainer.current_epoch,
                              "surgeries": len(module.events), "ranks": gathered})
+        if label.startswith("epoch end") and not module.events:
+            self.records[-1]["params"] = torch.cat(
+                [p.detach().reshape(-1) for p in module.population.parameters()]).tolist()
 
     def on_train_epoch_start(self, trainer, module) -> None:
         self._check(trainer, module, "epoch start (after any surgery)")
@@ -54,19 +64,24 @@ class HashCheck(Callback):
                 json.dump({"records": self.records, "events": module.events}, f)
 
 
+def make_model() -> SurgeryModule:
+    settings = SurgerySettings(max_epochs=8, initial_epochs=2, epoch_step=2)
+    return SurgeryModule(hidden=[6], surgery=settings,
+                         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+
+
 def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    settings = SurgerySettings(max_epochs=8, initial_epochs=2, epoch_step=2)
-    model = SurgeryModule(hidden=[6], surgery=settings,
-                          optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    model = make_model()
     trainer = pl.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=8, logger=False,
         enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
         callbacks=[HashCheck()], default_root_dir=sys.argv[2],
     )
     attach(trainer)
-    trainer.fit(model, SurgeryDataModule("digits"))
+    data = SurgeryDataModule("digits", steps_per_batch=int(sys.argv[3]), **DATA)
+    trainer.fit(model, data)
     dist.destroy_process_group()  # a clean exit: gloo's threads must not outlive Python
 
 

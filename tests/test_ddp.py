@@ -1,17 +1,57 @@
 """Two DDP processes on CPU (gloo): every rank must hold bit-identical networks and
-optimiser state after every surgery and after training on different shards."""
+optimiser state after every surgery and after training on different shards, and train as
+one process does on the same global batches."""
 
 import json
 import subprocess
 import sys
 from pathlib import Path
 
+import lightning.pytorch as pl
+import pytest
+import torch
+from ddp_check import DATA, make_model  # pytest puts tests/ on sys.path
+from lightning.pytorch.callbacks import Callback
 
-def test_ddp_ranks_stay_identical_through_surgery(tmp_path):
+from lit_surgery.data import SurgeryDataModule
+from lit_surgery.lightning.loop import attach
+
+
+class FirstEpochs(Callback):
+    """The parameters after each epoch before the first surgery, then stop."""
+
+    def __init__(self, epochs: int) -> None:
+        self.epochs, self.params = epochs, []
+
+    def on_train_epoch_end(self, trainer, module) -> None:
+        self.params.append(torch.cat([p.detach().reshape(-1) for p in module.parameters()]))
+        trainer.should_stop = len(self.params) == self.epochs
+
+
+def _one_process(tmp_path, batch_size: int, steps_per_batch: int, epochs: int) -> list:
+    pl.seed_everything(0)
+    record = FirstEpochs(epochs)
+    trainer = pl.Trainer(
+        accelerator="cpu", devices=1, max_epochs=8, logger=False, enable_checkpointing=False,
+        enable_progress_bar=False, enable_model_summary=False, callbacks=[record],
+        default_root_dir=tmp_path,
+    )
+    attach(trainer)
+    data = SurgeryDataModule(
+        "digits", batch_size=batch_size, steps_per_batch=steps_per_batch, **DATA
+    )
+    trainer.fit(make_model(), data)
+    return record.params
+
+
+# steps_per_batch 1: Lightning's automatic optimisation, DDP's reducer averages gradients;
+# 4: manual optimisation, the module averages each micro-step's gradients itself
+@pytest.mark.parametrize("steps_per_batch", [1, 4])
+def test_ddp_ranks_stay_identical_through_surgery(tmp_path, steps_per_batch):
     out = tmp_path / "hashes.json"
     script = Path(__file__).with_name("ddp_check.py")
-    subprocess.run([sys.executable, str(script), str(out), str(tmp_path)], check=True,
-                   cwd=tmp_path, timeout=600)
+    subprocess.run([sys.executable, str(script), str(out), str(tmp_path), str(steps_per_batch)],
+                   check=True, cwd=tmp_path, timeout=600)
     data = json.loads(out.read_text())
     records = data["records"]
     assert [e["kind"] for e in data["events"]][-1] == "end"
@@ -24,3 +64,9 @@ def test_ddp_ranks_stay_identical_through_surgery(tmp_path):
     # surgery then further training: new parameters are synchronised by the new DDP wrapper
     after = [r for r in records if r["label"].startswith("epoch end") and r["surgeries"] > 0]
     assert len(after) >= 4
+    # before the first surgery: two ranks on batches of 32 train as one process on 64
+    ddp = [torch.tensor(r["params"]) for r in records if "params" in r]
+    single = _one_process(tmp_path / "single", 64, steps_per_batch, len(ddp))
+    assert len(ddp) == 2
+    for a, b in zip(ddp, single, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)

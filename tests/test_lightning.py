@@ -146,16 +146,6 @@ def test_chunked_steps_train_exactly_like_single_batches(tmp_path):
     assert a.trainer.global_step == b.trainer.global_step  # optimiser steps, not chunks
 
 
-def test_chunked_steps_refuse_ddp(monkeypatch):
-    model = _model()
-    trainer = pl.Trainer(logger=False)
-    trainer.datamodule = SurgeryDataModule(steps_per_batch=4)
-    model.trainer = trainer
-    monkeypatch.setattr(pl.Trainer, "world_size", property(lambda self: 2))
-    with pytest.raises(ValueError, match="steps_per_batch=4 needs a single process"):
-        model.setup("fit")
-
-
 def test_early_stopping_on_the_validation_metric_works_with_surgery(tmp_path):
     from lightning.pytorch.callbacks import EarlyStopping
 

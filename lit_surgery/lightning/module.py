@@ -117,11 +117,6 @@ class SurgeryModule(pl.LightningModule):
 
     def setup(self, stage: str) -> None:
         chunk = getattr(self.trainer.datamodule, "steps_per_batch", 1)
-        if chunk > 1 and self.trainer.world_size > 1:
-            raise ValueError(
-                f"data.steps_per_batch={chunk} needs a single process; with "
-                f"{self.trainer.world_size} processes (DDP) use steps_per_batch=1"
-            )
         if chunk > 1 and getattr(self.trainer.precision_plugin, "scaler", None) is not None:
             raise ValueError(
                 f"data.steps_per_batch={chunk} does not support a gradient scaler (precision "
@@ -172,18 +167,38 @@ class SurgeryModule(pl.LightningModule):
         # A chunk of consecutive mini-batches (datamodule ``steps_per_batch``): one step each,
         # on the bare optimiser: Lightning's per-step hooks would cost as much as the step.
         # The step counter is Lightning's own, so global_step, logging and checkpoints agree.
-        optimizer = self.optimizers().optimizer
         progress = manual_step_progress(self.trainer)
         size = self.trainer.datamodule.batch_size
         for xb, yb in zip(x.split(size), y.split(size), strict=True):
-            loss = self._loss(xb, yb)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
+            self._micro_step(xb, yb)
             progress.increment_ready()
             progress.increment_completed()
             self._step_schedulers("step")
         return None
+
+    def _micro_step(self, x: Tensor, y: Tensor) -> None:
+        """One optimiser step of manual optimisation on one mini-batch, on every rank."""
+        optimizer = self.trainer.optimizers[0]
+        loss = self._loss(x, y)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.trainer.world_size > 1:
+            self._average_gradients()
+        optimizer.step()
+
+    def _average_gradients(self) -> None:
+        """Average the gradients across ranks in one flat all-reduce (manual optimisation
+        under DDP). DDP's own reducer stays idle: Lightning runs ``training_step`` inside the
+        DDP wrapper's forward and, under manual optimisation, turns backward sync off before
+        the wrapper's post-forward, so only ``manual_backward`` would prepare the reducer;
+        a bare ``backward()`` is neither reduced nor checked for unused parameters. A sum
+        then a division: gloo has no average, and every rank gets the same bits."""
+        params = list(self.population.parameters())
+        flat = torch.cat([p.grad.reshape(-1) for p in params])
+        torch.distributed.all_reduce(flat)
+        flat.div_(self.trainer.world_size)
+        for p, grad in zip(params, flat.split([p.numel() for p in params]), strict=True):
+            p.grad = grad.view_as(p)
 
     def _loss(self, x: Tensor, y: Tensor) -> Tensor:
         logits = [net(x) for net in self.population]
