@@ -16,7 +16,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 from lit_surgery.report.experiments import (
@@ -122,14 +122,38 @@ def main(argv: list[str] | None = None) -> None:
         default=None,
         help="folder of cell results (default: runs/reproduce[-quick])",
     )
+    full = Grid()
+    for name, choices in (
+        ("datasets", full.datasets),
+        ("schedules", [s.name for s in full.schedules]),
+        ("methods", full.methods),
+    ):
+        parser.add_argument(
+            f"--{name}",
+            nargs="+",
+            choices=choices,
+            help=f"a part of the grid (default: all of {name})",
+        )
+    parser.add_argument(
+        "--page-only",
+        action="store_true",
+        help="write the page from the results there, run nothing",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
-    grid = Grid.quick() if args.quick else Grid()
+    grid = Grid.quick() if args.quick else full
+    grid = replace(
+        grid,
+        datasets=tuple(args.datasets or grid.datasets),
+        schedules=tuple(s for s in grid.schedules if s.name in (args.schedules or [s.name])),
+        methods=tuple(args.methods or grid.methods),
+    )
     folder = args.results or Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
     results = Results(folder)
     print(f"grid: {asdict(grid)}\ncell results: {folder}", flush=True)
-    run_grid(grid, results, args.jobs)
+    if not args.page_only:
+        run_grid(grid, results, args.jobs)
     command = "make reproduce" + (" QUICK=1" if args.quick else "")
     done = [r for c in planned(grid, results) if (r := results.get(c)) is not None]
     path = write_page(done, args.out, header=header(grid, command))
