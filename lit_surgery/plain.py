@@ -1,7 +1,8 @@
 """Surgery in a plain PyTorch loop: the reference driver for tests and quick runs.
 
 Batches are index slices of tensors that stay on the device; every branch keeps its
-optimiser state between cycles (carried across surgery by the policy).
+optimiser state between cycles (carried across surgery by the policy), except in paper
+mode, which re-creates the optimiser for every new network as the reference does.
 """
 
 from __future__ import annotations
@@ -22,6 +23,9 @@ from lit_surgery.core.training import train_branch
 from lit_surgery.data import TensorBatches, TensorSplits, digits, random_batches
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam}
+SGD_DEFAULTS = {"default": {"lr": 0.02, "momentum": 0.9}, "paper": {"lr": 0.005, "momentum": 0.0}}
+"""``lr`` and ``momentum`` when not given, by paper mode: the reference trains with plain SGD
+at 0.005 (the paper's example)."""
 
 
 class PlainTrainer:
@@ -36,13 +40,18 @@ class PlainTrainer:
         lr: float = 0.005,
         momentum: float = 0.0,
         seed: int = 0,
+        carry_state: bool = True,
     ) -> None:
+        """``carry_state=False``: a branch's optimiser state ends with its cycle, so every new
+        network (every candidate) starts with a fresh optimiser, as the reference compiles
+        each new network with a new one; screening and the cycle after it share one."""
         if optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {sorted(OPTIMIZERS)}, got {optimizer!r}")
         if batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {batch_size!r}")
         self.data = data
         self.batch_size = batch_size
+        self.carry_state = carry_state
         kwargs = {"lr": lr, "momentum": momentum} if optimizer == "sgd" else {"lr": lr}
         self.optimizer = partial(OPTIMIZERS[optimizer], **kwargs)
         self.generator = torch.Generator(device=data.x_train.device).manual_seed(seed)
@@ -61,7 +70,10 @@ class PlainTrainer:
 
     def train(self, branch: Branch, epochs: int) -> float:
         d = self.data
-        return train_branch(branch, self.optimizer, self._epochs(epochs), d.x_val, d.y_val)
+        metric = train_branch(branch, self.optimizer, self._epochs(epochs), d.x_val, d.y_val)
+        if not self.carry_state:
+            branch.optimizer_state = None  # its children start afresh
+        return metric
 
     def screen(self, branch: Branch, batches: int) -> float:
         d = self.data
@@ -116,14 +128,22 @@ def run(
     lr: float = 0.02,
     momentum: float = 0.9,
     batch_size: int = 32,
+    carry_state: bool = True,
     verbose: bool = True,
 ) -> tuple[Branch, Surgeon]:
-    """Surgery on digits from hidden widths ``hidden``; returns the winner and the surgeon."""
+    """Surgery on digits from hidden widths ``hidden``; returns the winner and the surgeon.
+    ``carry_state``: see :class:`PlainTrainer`."""
     torch.manual_seed(seed)
     data = digits(seed=seed)
     net: SurgeryNet = build(Topology.mlp(data.input_size, hidden, data.num_classes))
     trainer = PlainTrainer(
-        data, batch_size=batch_size, optimizer=optimizer, lr=lr, momentum=momentum, seed=seed
+        data,
+        batch_size=batch_size,
+        optimizer=optimizer,
+        lr=lr,
+        momentum=momentum,
+        seed=seed,
+        carry_state=carry_state,
     )
 
     shown = [0, 0]  # history entries already printed: diverged, fallbacks
@@ -148,13 +168,15 @@ def main(
     paper: bool,
     random_walk: bool,
     optimizer: str,
-    lr: float,
-    momentum: float,
+    lr: float | None,
+    momentum: float | None,
     batch_size: int,
     seed: int,
 ) -> None:
     """``lit-surgery plain`` (its options and defaults: :func:`lit_surgery.cli.plain_parser`):
-    surgery on digits, then the winner and what it cost."""
+    surgery on digits, then the winner and what it cost. ``paper``: the reference's choices
+    (:meth:`SurgerySettings.paper`) and optimiser: ``lr`` and ``momentum`` default to
+    :data:`SGD_DEFAULTS`'s, and every new network starts a fresh optimiser."""
     schedule = dict(
         max_epochs=max_epochs,
         initial_epochs=initial_epochs,
@@ -163,14 +185,16 @@ def main(
     )
     settings = SurgerySettings.paper(**schedule) if paper else SurgerySettings(**schedule)
     start = time.perf_counter()
+    defaults = SGD_DEFAULTS["paper" if paper else "default"]
     best, surgeon = run(
         hidden,
         settings,
         seed=seed,
         optimizer=optimizer,
-        lr=lr,
-        momentum=momentum,
+        lr=defaults["lr"] if lr is None else lr,
+        momentum=defaults["momentum"] if momentum is None else momentum,
         batch_size=batch_size,
+        carry_state=not paper,
     )
     elapsed = time.perf_counter() - start
     diverged = surgeon.history.diverged

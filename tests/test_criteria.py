@@ -53,6 +53,8 @@ def test_singular_values_incoming_outgoing_and_padding():
     assert s.shape == (5,) and torch.all(s[3:] == 0) and torch.all(s[:3] > 0)
     with pytest.raises(ValueError, match="sv_source"):
         singular_values(net, 0, "sideways")
+    # the reference's count: min(n_in, n_out) values, no zeros for the missing rank
+    assert torch.equal(singular_values(wide, 0, "incoming", pad=False), s[:3])
 
 
 def _by(cands, op, layer):
@@ -79,6 +81,16 @@ def test_proposal_weights_amounts_and_ratios():
         assert c.param_ratio > 0
     start = net.topology.num_params
     assert ol0.param_ratio == pytest.approx((start - 2 * 4 - 2 - 2 * 4) / start)
+
+
+def test_paper_criterion_estimates_q_and_keeps_t_that_saves_nothing():
+    net = _net([1.0, 1.0, 0.1, 0.01], [2.0, 1.5, 1.2, 1.0])  # 4-[4, 4]-3, 55 parameters
+    cands = propose(net, SurgerySettings(sv_source="incoming", criterion="paper"))
+    (t0,) = _by(cands, "T", 0)  # rank 2 of 4x4: 2 x (4 + 4) weights for 4 x 4: no saving
+    assert t0.amount == 2 and t0.param_ratio == (55 - 4 * 4 + 2 * (4 + 4)) / 55 == 1
+    (ol0,) = _by(cands, "OL", 0)  # the reference leaves out the next layer's weights
+    assert ol0.param_ratio == (55 - (4 + 1) * 2) / 55
+    assert {c.param_ratio for c in _by(cands, "AN", 1)} == {(55 + 5 * 2) / 55, (55 + 5 * 20) / 55}
 
 
 def test_outgoing_source_counts_from_next_layer():

@@ -6,6 +6,7 @@ from functools import partial
 import pytest
 import torch
 
+from lit_surgery import plain
 from lit_surgery.cli import main
 from lit_surgery.core.network import build
 from lit_surgery.core.operators import GROW, SHRINK
@@ -47,6 +48,36 @@ def test_paper_mode_runs_end_to_end():
     best, surgeon = run([8], settings, seed=1, verbose=False)
     assert best.epochs == 12 and best.metric > 0.5
     assert {r["op"] for r in surgeon.history.to_dict()["candidates"]} >= {"B", "AN", "AL"}
+
+
+def test_paper_driver_trains_with_plain_sgd_and_a_fresh_optimiser_per_network(monkeypatch):
+    class Ran(Exception):
+        pass
+
+    def fake_run(*args, **kw):
+        calls.append(kw)
+        raise Ran
+
+    calls = []
+    monkeypatch.setattr(plain, "run", fake_run)
+    options = dict(max_epochs=6, initial_epochs=2, epoch_step=2, random_walk=False,
+                   optimizer="sgd", batch_size=32, seed=0)
+    for paper, lr, momentum in [(True, None, None), (False, None, None), (True, 0.1, 0.5)]:
+        with pytest.raises(Ran):
+            plain.main([4], paper=paper, lr=lr, momentum=momentum, **options)
+    assert [(c["lr"], c["momentum"], c["carry_state"]) for c in calls] == [
+        (0.005, 0.0, False), (0.02, 0.9, True), (0.1, 0.5, False)]
+
+
+def test_without_carried_state_a_branch_keeps_its_optimiser_only_for_its_cycle():
+    data = digits()
+    torch.manual_seed(0)
+    trainer = PlainTrainer(data, momentum=0.9, carry_state=False)
+    branch = Branch(0, build(Topology.mlp(64, [8], 10)))
+    trainer.screen(branch, 2)
+    assert branch.optimizer_state["state"]  # screening and its cycle share one optimiser
+    trainer.train(branch, 1)
+    assert branch.optimizer_state is None  # its children start afresh
 
 
 def test_command_line_prints_generations_and_result(capsys):

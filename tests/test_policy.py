@@ -51,7 +51,7 @@ def _surgeon(script, seed=0, **settings):
         ("sv_threshold_rel", 2.0), ("add_fraction", 0.0), ("add_multiplier", 0),
         ("screen_batches", {"XX": 1}), ("screen_batches", {"AN": -1}),
         ("type_weights", {"B": 1.0}), ("type_weights", {"AN": math.nan}),
-        ("sv_source", "both"), ("ranking", "best"), ("al_activation", "tanh"),
+        ("sv_source", "both"), ("criterion", "ours"), ("ranking", "best"), ("al_activation", "tanh"),
         ("split", "random"), ("score", "f1"), ("size_penalty", -1.0), ("explore", 1),
         ("select_by", "loss"), ("random_walk", None), ("epoch_step", 2.5),
     ],
@@ -64,7 +64,8 @@ def test_invalid_settings_name_the_setting(name, value):
 def test_choices_are_literal_types_and_their_checks_list_the_literal():
     hints = get_type_hints(SurgerySettings)
     choices = {n: get_args(h) for n, h in hints.items() if get_origin(h) is Literal}
-    assert set(choices) == {"sv_source", "ranking", "al_activation", "split", "score", "select_by"}
+    assert set(choices) == {"sv_source", "criterion", "ranking", "al_activation", "split",
+                            "score", "select_by"}
     for name, allowed in choices.items():
         assert getattr(SurgerySettings(), name) in allowed
         assert getattr(SurgerySettings.paper(), name) in allowed
@@ -77,14 +78,17 @@ def test_reference_numbers_are_the_defaults_and_paper_mode_changes_choices():
     d, p = SurgerySettings(), SurgerySettings.paper()
     for s in (d, p):
         assert (s.epoch_step, s.initial_epochs, s.max_epochs) == (10, 10, 100)
-        assert (s.parallel_branches, s.max_retries, s.include_random) == (2, 3, True)
+        assert (s.parallel_branches, s.include_random) == (2, True)
         assert (s.sv_threshold_abs, s.sv_threshold_rel, s.add_fraction) == (0.3, 5e-3, 0.1)
         assert s.screen_batches == {"B": 1, "AN": 1, "AL": 1, "T": 1, "RL": 10, "OL": 10}
-    assert (p.sv_source, p.ranking, p.al_activation, p.split, p.score, p.explore,
-            p.select_by) == ("outgoing", "paper", "linear", "equal", "paper", False, "score")
-    assert (d.sv_source, d.ranking, d.al_activation, d.split, d.score, d.explore,
-            d.select_by) == ("incoming", "bottleneck", "auto", "asymmetric", "log", True,
-                             "accuracy")
+    # max_retries counts re-selections; the reference's 3 counts rounds, the first included
+    assert (d.max_retries, p.max_retries) == (3, 2)
+    assert (p.sv_source, p.criterion, p.ranking, p.al_activation, p.split, p.score, p.explore,
+            p.select_by) == ("outgoing", "paper", "paper", "linear", "equal", "paper", False,
+                             "score")
+    assert (d.sv_source, d.criterion, d.ranking, d.al_activation, d.split, d.score, d.explore,
+            d.select_by) == ("incoming", "exact", "bottleneck", "auto", "asymmetric", "log",
+                             True, "accuracy")
     assert SurgerySettings.paper(epoch_step=3).epoch_step == 3
     assert SurgerySettings(screen_batches={"AN": 5}).screen_batches["RL"] == 10
 

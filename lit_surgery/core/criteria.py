@@ -4,7 +4,8 @@ For every hidden layer the singular values of its incoming or outgoing weight ma
 (``sv_source``; the reference uses outgoing) give the number of *removable* units ``r``:
 those below an absolute threshold or below a relative threshold times the largest. A layer
 with few removable units should grow; one with many should shrink (docs/METHOD.md, "The
-criterion"). Computed on the weights' own device.
+criterion"). ``criterion: paper`` counts and estimates as the reference does. Computed on
+the weights' own device.
 """
 
 from __future__ import annotations
@@ -52,16 +53,21 @@ class Candidate:
         return f"{self.op}@{self.layer}{amount}{extra}"
 
 
-def singular_values(net: SurgeryNet, layer: int, source: SvSource = "incoming") -> Tensor:
-    """Singular values (descending) for hidden layer ``layer``, padded with zeros to its width.
+def singular_values(
+    net: SurgeryNet, layer: int, source: SvSource = "incoming", pad: bool = True
+) -> Tensor:
+    """Singular values (descending) for hidden layer ``layer``: ``min(n_in, n_out)`` of the
+    matrix, with ``pad`` followed by zeros up to the layer's width.
 
     A layer wider than the matrix's rank has that many exactly removable directions, so the
-    padding counts them.
+    padding counts them; the reference does not pad (``criterion: paper``).
     """
     if source not in get_args(SvSource):
         raise ValueError(f"sv_source must be one of {get_args(SvSource)}, got {source!r}")
     matrix = net.linear(layer if source == "incoming" else layer + 1).weight.detach()
     s = torch.linalg.svdvals(matrix)
+    if not pad:
+        return s
     width = net.topology.hidden[layer].width
     return torch.cat([s, s.new_zeros(width - s.numel())])
 
@@ -88,9 +94,10 @@ def layer_is_finite(net: SurgeryNet, layer: int) -> bool:
 
 def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
     """All candidates for ``net`` (``B`` not included), each with weight and parameter ratio,
-    under ``settings``' thresholds, AN amounts, AL activation, type weights and size budget
-    (``max_params``)."""
+    under ``settings``' thresholds, AN amounts, AL activation, type weights, size budget
+    (``max_params``) and ``criterion``."""
     s = settings
+    paper = s.criterion == "paper"
     topo = net.topology
     raw: list[Candidate] = []
     for i, layer in enumerate(topo.hidden):
@@ -98,7 +105,8 @@ def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
             raw.append(Candidate("RL", i, 0, 1.0))
             continue
         n = layer.width
-        r = removable(singular_values(net, i, s.sv_source), s.sv_threshold_abs, s.sv_threshold_rel)
+        sv = singular_values(net, i, s.sv_source, pad=not paper)
+        r = removable(sv, s.sv_threshold_abs, s.sv_threshold_rel)
         d = depth_factor(i, topo.depth)
         p_add, p_remove = 1.0 - r / n, r / n
         k = max(2, int(n * s.add_fraction))
@@ -120,19 +128,44 @@ def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
         except OperatorError:
             continue  # e.g. RL of the only layer, T that would not truncate
         ratio = after / topo.num_params
-        if c.op == "T" and ratio >= 1:
+        if c.op == "T" and ratio >= 1 and not paper:
             continue  # a factorisation that does not save parameters only costs screening
         if s.max_params is not None and after > s.max_params and ratio >= 1:
             continue  # over the size budget (a shrinking step of a network above it is kept)
         weight = c.weight * s.type_weights.get(c.op, 1.0)
-        result.append(replace(c, weight=weight, param_ratio=ratio))
+        q = paper_ratio(topo, c) if paper else ratio
+        result.append(replace(c, weight=weight, param_ratio=q))
     return result
+
+
+def paper_ratio(topology: Topology, candidate: Candidate) -> float:
+    """``q`` as the reference estimates it (NAS.py, ``__create_potential_modification_
+    candidates``), for hidden layer ``i`` with fan-in ``m``, width ``n`` and bias ``b`` (0/1):
+    exact for AL (``+ n (n + 1)``) and T (``- m n + (n - r)(m + n)``); AN adds ``(m + 1) k``
+    (not the new units' outgoing weights, and a bias even without one), OL removes
+    ``(m + b) r`` (not the outgoing weights), RL removes ``m n + b n`` (not what the merged
+    matrix adds back: on a 784-input network, removing the first layer looks like removing
+    almost all of it)."""
+    total = topology.num_params
+    if candidate.op == "B":
+        return 1.0
+    i, k = candidate.layer, candidate.amount
+    m, n, b = topology.fan_in(i), topology.hidden[i].width, int(topology.hidden[i].bias)
+    change = {
+        "AN": (m + 1) * k,
+        "AL": n * (n + 1),
+        "RL": -(m * n + b * n),
+        "OL": -(m + b) * k,
+        "T": (n - k) * (m + n) - m * n,
+    }[candidate.op]
+    return (total + change) / total
 
 
 def rank_key(candidate: Candidate, ranking: Ranking = "modest") -> tuple[float, ...]:
     """Sort key, larger is better. ``paper``: (weight, q), so among equal weights the
     biggest network wins (the reference's choice, which makes "add 10x units" the AN pick
-    every time). ``modest``: (weight, -|log q|), the smallest change wins ties.
+    every time; with ``criterion: paper`` by the reference's estimate of q). ``modest``:
+    (weight, -|log q|), the smallest change wins ties.
     ``bottleneck``: like ``modest``, but among saturated layers AN widens the one with the
     most inputs per unit first (e.g. the first layer of an image MLP), not the cheapest."""
     modest = -abs(math.log(candidate.param_ratio))

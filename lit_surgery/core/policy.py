@@ -176,7 +176,8 @@ class Surgeon:
         return Plan(kind, generation, self.branches, epochs)
 
     def winner(self, branches: list[Branch]) -> Branch:
-        """The best branch that has not diverged (the policy always keeps one)."""
+        """The best branch that has not diverged (the policy always keeps one): by metric, or
+        with ``select_by: score`` by the score of its last cycle (:meth:`conclude`)."""
         branches = [b for b in branches if not b.diverged]
         if not branches:
             raise ValueError("no branch left that has not diverged")
@@ -217,8 +218,12 @@ class Surgeon:
         (``gen.survivors`` set); False when a retry put new branches in ``gen.to_train``."""
         if len(metrics) != len(gen.to_train):
             raise ValueError(f"expected {len(gen.to_train)} metrics, got {len(metrics)}")
+        parents = {p.id: p.metric for p in gen.parents}
         for branch, metric in zip(gen.to_train, metrics, strict=True):
+            before = parents[branch.parent] if branch.metric is None else branch.metric
             self.record_training(branch, gen.epochs, metric)
+            # as the reference re-scores after every training: what select_by "score" uses
+            branch.score = self.score(branch.metric, before, branch.change.param_ratio)
             record = gen.record_of(branch)
             record.trained, record.metric = True, metric
         gen.trained += gen.to_train

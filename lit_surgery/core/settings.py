@@ -20,6 +20,7 @@ AlActivation = Literal["auto", "linear"]
 Split = Literal["asymmetric", "equal"]
 Score = Literal["paper", "log"]
 SelectBy = Literal["accuracy", "score"]
+Criterion = Literal["exact", "paper"]
 SCREEN_BATCHES = {"B": 1, "AN": 1, "AL": 1, "T": 1, "RL": 10, "OL": 10}
 
 
@@ -91,7 +92,9 @@ class SurgerySettings:
         max_epochs: total epochs of the resulting network's lineage.
         parallel_branches: branches trained and kept per generation.
         max_retries: re-selections from untried candidates when no survivor reaches the
-            previous best.
+            previous best (so at most ``max_retries + 1`` selection rounds; the reference's
+            ``max_retries_per_epoch`` counts the rounds, the first included: ``paper()`` sets
+            2 for its 3).
         include_random: also screen one candidate drawn uniformly from the unselected.
         sv_threshold_abs: singular values below this count as removable units.
         sv_threshold_rel: ... or below this times the largest singular value.
@@ -108,13 +111,20 @@ class SurgerySettings:
             (real depth, still exact), else linear; ``linear`` always (the reference).
         split: AN's split of units: ``asymmetric`` shares (copies differ) or ``equal``
             (copies stay identical forever, the reference).
+        criterion: ``exact``: singular values padded with zeros to the layer's width (a layer
+            wider than its matrix's rank has that many exactly removable directions), ``q``
+            the exact parameter ratio, and ``T`` only where it saves parameters; ``paper``
+            (the reference): at most ``min(n_i, n_(i+1))`` singular values, ``q`` as the
+            reference estimates it (it breaks ranking ties and enters the score), and ``T``
+            also where it saves none.
         score: ``paper``: ``v + exp(v - v_parent) exp(-q)``; ``log``:
             ``v - size_penalty * ln q``, where a doubling costs ``0.69 * size_penalty``.
         size_penalty: weight of the size term of the ``log`` score.
         explore: at most one unchanged (``B``) branch survives a generation, so every
             generation trains at least one real change. The reference lets both slots go
             to copies.
-        select_by: the final winner by validation ``accuracy`` or by ``score`` (reference).
+        select_by: the final winner by validation ``accuracy`` or by ``score`` (reference), the
+            score of its last cycle: ``v_parent`` is its metric before the cycle.
         random_walk: the ablation baseline: one random candidate per generation, no
             screening.
         max_params: a size budget: no candidate with more parameters is proposed (except
@@ -140,6 +150,7 @@ class SurgerySettings:
     )
     sv_source: SvSource = "incoming"
     ranking: Ranking = "bottleneck"
+    criterion: Criterion = "exact"
     al_activation: AlActivation = "auto"
     split: Split = "asymmetric"
     score: Score = "log"
@@ -156,9 +167,12 @@ class SurgerySettings:
 
     @classmethod
     def paper(cls, **overrides: Any) -> SurgerySettings:
-        """The reference's choices wherever they change outcomes."""
+        """The reference's choices wherever they change outcomes, except where it is broken
+        (docs/METHOD.md, "Paper mode and the reference")."""
         choices = dict(
+            max_retries=2,
             sv_source="outgoing",
+            criterion="paper",
             ranking="paper",
             al_activation="linear",
             split="equal",
