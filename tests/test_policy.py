@@ -51,8 +51,9 @@ def _surgeon(script, seed=0, **settings):
         ("sv_threshold_rel", 2.0), ("add_fraction", 0.0), ("add_multiplier", 0),
         ("screen_batches", {"XX": 1}), ("screen_batches", {"AN": -1}),
         ("type_weights", {"B": 1.0}), ("type_weights", {"AN": math.nan}),
-        ("sv_source", "both"), ("criterion", "ours"), ("ranking", "best"), ("al_activation", "tanh"),
-        ("split", "random"), ("score", "f1"), ("size_penalty", -1.0), ("explore", 1),
+        ("sv_source", "both"), ("criterion", "ours"), ("ranking", "best"),
+        ("al_activation", "tanh"), ("split", "random"), ("score", "f1"), ("size_penalty", -1.0),
+        ("explore", 1),
         ("select_by", "loss"), ("random_walk", None), ("epoch_step", 2.5),
     ],
 )
