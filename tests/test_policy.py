@@ -242,6 +242,17 @@ def test_winner_by_accuracy_or_by_score():
     assert _surgeon(Script(), select_by="score").winner([a, b]) is b
 
 
+def test_trained_branches_are_rescored_against_their_screening_metric():
+    script = Script(screen_metric=lambda b: 0.6, train_gain=0.05)
+    surgeon = _surgeon(script, max_epochs=15, epoch_step=10, score="paper")
+    survivors = _first_generation(surgeon, script, root_metric=0.5)
+    by_branch = {r.branch: r for r in surgeon.history.candidates}
+    for b in survivors:
+        record = by_branch[b.id]
+        assert record.score == surgeon.score(0.6, 0.5, b.change.param_ratio)  # screening
+        assert b.score == surgeon.score(0.65, 0.6, b.change.param_ratio)  # after the cycle
+
+
 def test_history_is_plain_data_with_genealogy():
     script = Script(screen_metric=lambda b: 0.5 + 0.01 * (b.change.op == "AN"))
     surgeon = _surgeon(script)
