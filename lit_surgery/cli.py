@@ -158,8 +158,12 @@ def plain_parser() -> ArgumentParser:
         help="the ablation baseline: one random candidate per generation",
     )
     parser.add_argument("--optimizer", choices=OPTIMIZERS, default="sgd", help="the optimiser")
-    parser.add_argument("--lr", type=float, default=0.02, help="learning rate")
-    parser.add_argument("--momentum", type=float, default=0.9, help="SGD's momentum")
+    parser.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default 0.02; 0.005 with --paper)"
+    )
+    parser.add_argument(
+        "--momentum", type=float, default=None, help="SGD's momentum (default 0.9; 0 with --paper)"
+    )
     parser.add_argument("--batch-size", type=int, default=32, help="examples per step")
     parser.add_argument(
         "--seed", type=int, default=0, help="seeds the split, the start network and the choices"

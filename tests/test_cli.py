@@ -149,7 +149,7 @@ def test_tune_and_plain_keep_their_option_spellings_and_defaults():
     }
     assert parser.parse_args(["plain"]).plain.as_dict() == {
         "hidden": [4], "max_epochs": 40, "initial_epochs": 5, "epoch_step": 5, "paper": False,
-        "random_walk": False, "optimizer": "sgd", "lr": 0.02, "momentum": 0.9, "batch_size": 32,
+        "random_walk": False, "optimizer": "sgd", "lr": None, "momentum": None, "batch_size": 32,
         "seed": 0,
     }
     # what the parsers give is what the commands take, by name
