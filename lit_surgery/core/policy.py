@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import random
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from typing import Any, Literal, Protocol
 
@@ -89,6 +90,7 @@ class Plan:
 
 
 GenerationCallback = Callable[[int, list[CandidateRecord], list[Branch]], None]
+Profile = Callable[[str], AbstractContextManager[Any]]
 
 
 class Surgeon:
@@ -105,8 +107,12 @@ class Surgeon:
         *,
         seed: int = 0,
         on_generation: GenerationCallback | None = None,
+        profile: Profile | None = None,
     ) -> None:
         self.settings = settings
+        self.profile: Profile = profile or (lambda action: nullcontext())
+        """Times the parts of surgery (``criteria``, ``operators``, ``screening``): e.g.
+        a Lightning profiler's ``profile``; by default nothing is timed."""
         self.train = train
         self.screen = screen
         self.rng = random.Random(seed)
@@ -329,7 +335,8 @@ class Surgeon:
         return restored
 
     def propose(self, net: SurgeryNet) -> list[Candidate]:
-        return propose(net, self.settings)
+        with self.profile("criteria"):
+            return propose(net, self.settings)
 
     # ------------------------------------------------------------------ steps
 
@@ -424,7 +431,9 @@ class Surgeon:
         child = self._child(parent, candidate, generation)
         batches = self.settings.screen_batches[candidate.op]
         self.history.batches_screened += batches
-        self._check(child, self.screen(child, batches), "screening")
+        with self.profile("screening"):
+            metric = self.screen(child, batches)
+        self._check(child, metric, "screening")
         child.score = self.score(child.metric, parent.metric, candidate.param_ratio)
         self.history.node(child)
         return child
@@ -433,13 +442,14 @@ class Surgeon:
         options = dict(candidate.options)
         if candidate.op == "AN":
             options.update(split=self.settings.split, generator=self.generator)
-        mutation: Mutation = operator(candidate.op).apply(
-            parent.net, candidate.layer, candidate.amount, **options
-        )
-        state = None
-        if parent.optimizer_state is not None:
-            shapes = [p.shape for p in parent.net.parameters()]
-            state = transfer_state(parent.optimizer_state, mutation.param_map, shapes)
+        with self.profile("operators"):
+            mutation: Mutation = operator(candidate.op).apply(
+                parent.net, candidate.layer, candidate.amount, **options
+            )
+            state = None
+            if parent.optimizer_state is not None:
+                shapes = [p.shape for p in parent.net.parameters()]
+                state = transfer_state(parent.optimizer_state, mutation.param_map, shapes)
         return self._branch(
             mutation.net,
             parent=parent,

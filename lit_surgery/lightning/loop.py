@@ -73,7 +73,8 @@ class SurgeryFitLoop(FitLoop):
         if not module.operate(self.epoch_progress.current.completed):
             return False
         self.max_epochs = module.surgeon.planned_epochs
-        self._rebuild()
+        with module.profile("rebuild"):
+            self._rebuild()
         return True
 
     def _rebuild(self) -> None:

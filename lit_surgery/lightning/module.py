@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import lightning.pytorch as pl
@@ -96,7 +97,9 @@ class SurgeryModule(pl.LightningModule):
         self.input_size = input_size
         self.num_classes = num_classes
         self.seed = seed
-        self.surgeon = Surgeon(self.settings, train=None, screen=self.screen, seed=seed)
+        self.surgeon = Surgeon(
+            self.settings, train=None, screen=self.screen, seed=seed, profile=self.profile
+        )
         self.population = nn.ModuleList()
         self.epoch_log: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
@@ -299,6 +302,12 @@ class SurgeryModule(pl.LightningModule):
         branch.net.to(self.device)
         return train_branch(branch, self._new_optimizer, chosen, s.x_val, s.y_val)
 
+    def profile(self, action: str) -> AbstractContextManager[Any]:
+        """Time a part of surgery as the trainer's profiler action ``surgery/<action>``
+        (``Trainer(profiler="simple")`` shows them; nothing is timed without a trainer)."""
+        trainer = self._trainer
+        return nullcontext() if trainer is None else trainer.profiler.profile(f"surgery/{action}")
+
     def _collect_optimizer_states(self) -> None:
         """Give each branch its slice of the trainer's optimiser state."""
         if not self.trainer.optimizers:
@@ -317,10 +326,11 @@ class SurgeryModule(pl.LightningModule):
         if self.trainer.is_global_zero:
             self._collect_optimizer_states()
             s = self.trainer.datamodule.device_splits()
-            metrics = [
-                evaluate(b.net, s.x_val, s.y_val) if finite else math.nan
-                for b, finite in zip(self.branches, finite_loss, strict=True)
-            ]
+            with self.profile("evaluate"):
+                metrics = [
+                    evaluate(b.net, s.x_val, s.y_val) if finite else math.nan
+                    for b, finite in zip(self.branches, finite_loss, strict=True)
+                ]
             self._event(epoch, self.surgeon.step(metrics))
         self._loss_sums = None  # a new cycle
         payload = self.surgery_state()
