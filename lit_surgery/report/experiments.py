@@ -29,6 +29,8 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
+import platform
 import time
 from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
@@ -75,6 +77,7 @@ class Grid:
     lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
     front: tuple[tuple[int, ...], ...] = FRONT
     batch_size: int = 32
+    device: str = "cpu"
 
     @classmethod
     def quick(cls) -> Grid:
@@ -120,9 +123,11 @@ class Cell:
 
 
 @cache
-def load_data(dataset: str) -> TensorSplits:
-    """Normalised splits, validation held out (seed 0, so every run sees the same split)."""
-    return make_splits(load_arrays(dataset), val_fraction=0.1, use_test_as_val=False, seed=0)
+def load_data(dataset: str, device: str = "cpu") -> TensorSplits:
+    """Normalised splits on ``device``, validation held out (seed 0, so every run sees the
+    same split)."""
+    arrays = load_arrays(dataset)
+    return make_splits(arrays, val_fraction=0.1, use_test_as_val=False, seed=0).to(device)
 
 
 class Recorder:
@@ -168,8 +173,12 @@ def _result(
     **extra: Any,
 ) -> dict[str, Any]:
     topo = net.topology
+    device = data.x_train.device
     return {
         "cell": {**asdict(cell), "key": cell.key},
+        "device": torch.cuda.get_device_name(device)
+        if device.type == "cuda"
+        else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
         "val": val,
         "test": evaluate(net, data.x_test, data.y_test),  # the one look at the test split
         "num_params": topo.num_params,
@@ -272,7 +281,7 @@ def _search(cell: Cell, data: TensorSplits, grid: Grid) -> dict[str, Any]:
 def run_cell(cell: Cell, grid: Grid) -> dict[str, Any]:
     """Run one cell on one thread and return its result (plain data)."""
     torch.set_num_threads(1)
-    data = load_data(cell.dataset)
+    data = load_data(cell.dataset, grid.device)
     if cell.method in SURGERY:
         return _surgery(cell, data, grid)
     if cell.method == "search":

@@ -11,7 +11,6 @@ import argparse
 import datetime
 import multiprocessing
 import os
-import platform
 import subprocess
 import sys
 import time
@@ -83,7 +82,7 @@ def _commit() -> str:
         return "unknown"
 
 
-def header(grid: Grid, command: str) -> list[str]:
+def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
     schedules = ", ".join(
         f"{s.name} ({s.initial_epochs} initial epochs, a generation every {s.epoch_step}, "
         f"{s.max_epochs} in all)"
@@ -93,9 +92,10 @@ def header(grid: Grid, command: str) -> list[str]:
         "# Results",
         "",
         f"Written by `{command}` at commit `{_commit()}` on "
-        f"{datetime.date.today().isoformat()}, {platform.machine()} with {os.cpu_count()} "
-        "CPU cores, one thread per run. Every number below comes from the runs; the verdicts "
-        "are computed from them (lit_surgery/report/results_page.py).",
+        f"{datetime.date.today().isoformat()}. Runs trained on {', '.join(devices)} (one CPU "
+        "thread per run, several side by side); a cell's runs all ran on one machine, so "
+        "wall-time ratios compare like with like. Every number below comes from the runs; the "
+        "verdicts are computed from them (lit_surgery/report/results_page.py).",
         "",
         "Protocol:",
         f"- data: {', '.join(grid.datasets)}; the validation split (10%) is held out from the "
@@ -134,6 +134,7 @@ def main(argv: list[str] | None = None) -> None:
             choices=choices,
             help=f"a part of the grid (default: all of {name})",
         )
+    parser.add_argument("--device", default="cpu", help="where runs train (cpu, cuda, ...)")
     parser.add_argument(
         "--page-only",
         action="store_true",
@@ -148,6 +149,7 @@ def main(argv: list[str] | None = None) -> None:
         datasets=tuple(args.datasets or grid.datasets),
         schedules=tuple(s for s in grid.schedules if s.name in (args.schedules or [s.name])),
         methods=tuple(args.methods or grid.methods),
+        device=args.device,
     )
     folder = args.results or Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
     results = Results(folder)
@@ -156,7 +158,8 @@ def main(argv: list[str] | None = None) -> None:
         run_grid(grid, results, args.jobs)
     command = "make reproduce" + (" QUICK=1" if args.quick else "")
     done = [r for c in planned(grid, results) if (r := results.get(c)) is not None]
-    path = write_page(done, args.out, header=header(grid, command))
+    devices = sorted({r.get("device", "cpu") for r in done})
+    path = write_page(done, args.out, header=header(grid, command, devices))
     print(f"wrote {path}", flush=True)
 
 
