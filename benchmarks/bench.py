@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import math
 import platform
 import statistics
 import subprocess
@@ -30,6 +31,7 @@ import sys
 import tempfile
 import threading
 import time
+import traceback
 from collections.abc import Iterator
 from functools import partial
 from pathlib import Path
@@ -152,10 +154,19 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict[str,
         for batch in (32, 256):
             dm = _datamodule(args, batch, steps_per_batch=32)
             rates: dict[str, list[float]] = {"hand": [], "eager": [], "compiled": []}
+            measures = {
+                "hand": partial(hand_loop, dm, hidden, args.epochs, device),
+                "eager": partial(lightning_rate, dm, hidden, args.epochs, device, False),
+                "compiled": partial(lightning_rate, dm, hidden, args.epochs, device, True),
+            }
+            errors = {}
             for _ in range(args.repeats):
-                rates["hand"].append(hand_loop(dm, hidden, args.epochs, device))
-                rates["eager"].append(lightning_rate(dm, hidden, args.epochs, device, False))
-                rates["compiled"].append(lightning_rate(dm, hidden, args.epochs, device, True))
+                for name, measure in measures.items():
+                    try:
+                        rates[name].append(measure())
+                    except Exception:  # one failing mode leaves the others' figures
+                        errors[name] = traceback.format_exc()
+                        rates[name].append(math.nan)
             median = {k: statistics.median(v) for k, v in rates.items()}
             row = {
                 "hidden": hidden,
@@ -164,6 +175,7 @@ def throughput(args: argparse.Namespace, device: torch.device) -> list[dict[str,
                 "eager/hand": median["eager"] / median["hand"],
                 "compiled/hand": median["compiled"] / median["hand"],
                 "repeats": rates,
+                "errors": errors,
             }
             print(
                 f"  {hidden} batch {batch}: hand {median['hand']:.0f}, eager "
@@ -300,6 +312,15 @@ def surgery_run(
     }
 
 
+def surgery_runs(args: argparse.Namespace, device: torch.device) -> dict[str, list]:
+    runs: dict[str, list] = {"plain": [], "surgery": []}
+    surgery_run(args, device, False, epochs=1)  # warm-up: the logger's service, caches
+    for _ in range(max(1, args.repeats // 2)):
+        for kind in runs:
+            runs[kind].append(surgery_run(args, device, kind == "surgery"))
+    return runs
+
+
 def _logger(root: str) -> Any:
     """W&B offline, as the CLI logs; a CSV logger where wandb is not installed."""
     try:
@@ -340,27 +361,35 @@ def main() -> None:
         "torch": torch.__version__,
         "threads": 1,
     }
-    if "throughput" not in args.skip:
-        print("(a) training-phase throughput, one process", flush=True)
-        report["throughput"] = throughput(args, device)
-    if "ddp" not in args.skip:
-        print("(a) per rank under 2-process DDP (CPU, gloo)", flush=True)
-        report["ddp"] = ddp_throughput(args)
-    if "surgery" not in args.skip:
-        print("(b) a quick-schedule run against plain training of its start", flush=True)
-        runs = {"plain": [], "surgery": []}
-        surgery_run(args, device, False, epochs=1)  # warm-up: the logger's service, caches
-        for _ in range(max(1, args.repeats // 2)):
-            for kind in runs:
-                runs[kind].append(surgery_run(args, device, kind == "surgery"))
-        report["surgery_run"] = runs
-    args.out.write_text(json.dumps(report, indent=1))
+    sections = {
+        "throughput": (
+            "(a) training-phase throughput, one process",
+            lambda: throughput(args, device),
+        ),
+        "ddp": ("(a) per rank under 2-process DDP (CPU, gloo)", lambda: ddp_throughput(args)),
+        "surgery": (
+            "(b) a quick-schedule run against plain training of its start",
+            lambda: surgery_runs(args, device),
+        ),
+    }
+    for name, (title, measure) in sections.items():
+        if name in args.skip:
+            continue
+        print(title, flush=True)
+        try:
+            report[name] = measure()
+        except Exception:  # keep the other sections' figures (a device run may not be repeatable)
+            report.setdefault("errors", {})[name] = traceback.format_exc()
+            print(report["errors"][name], file=sys.stderr, flush=True)
+        args.out.write_text(json.dumps(report, indent=1))
     print_table(report)
     print(f"wrote {args.out}")
 
 
 def print_table(report: dict[str, Any]) -> None:
     print(f"\ndevice: {report['device']}, torch {report['torch']}, one thread")
+    for section, error in report.get("errors", {}).items():
+        print(f"\n{section}: failed ({error.strip().splitlines()[-1]})")
     if "throughput" in report:
         print(
             "\n| network | batch | hand loop | Lightning eager | Lightning compiled "
@@ -376,8 +405,8 @@ def print_table(report: dict[str, Any]) -> None:
     if "ddp" in report:
         for kind, d in report["ddp"].items():
             print(f"\nDDP, {kind}: {json.dumps(d)}")
-    if "surgery_run" in report:
-        runs = report["surgery_run"]
+    if "surgery" in report:
+        runs = report["surgery"]
         plain = statistics.median(r["wall"] for r in runs["plain"])
         surgery = statistics.median(r["wall"] for r in runs["surgery"])
         print(

@@ -29,8 +29,8 @@ def test_surgery_run_is_split_into_its_parts(tmp_path):
     ]
     printed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path)
     report = json.loads(out.read_text())
-    (plain,) = report["surgery_run"]["plain"]
-    (surgery,) = report["surgery_run"]["surgery"]
+    (plain,) = report["surgery"]["plain"]
+    (surgery,) = report["surgery"]["surgery"]
     for part in (
         "branch training",
         "validation",

@@ -194,6 +194,8 @@ class CompiledStep:
         self._lr_value = float(self._group["lr"])
         self._lr = torch.tensor(self._lr_value, dtype=params[0].dtype, device=params[0].device)
         self._batch_size: int | None = None
+        self.ran = False
+        """Whether a graph has run: the first run compiles (unless the graphs were cached)."""
         if cuda_graphs:
             for t in [*params, self._lr]:
                 torch._dynamo.mark_static_address(t)
@@ -227,11 +229,13 @@ class CompiledStep:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():  # the graph writes to the leaf parameters
             if self._hook is None:
-                return self._graphs["whole"](self._params, state, self._lr, x, y)
-            g, result = self._graphs["grads"](self._params, x, y)
-            self._hook(g)
-            self._graphs["update"](self._params, g, state, self._lr)
-            return result
+                result = self._graphs["whole"](self._params, state, self._lr, x, y)
+            else:
+                g, result = self._graphs["grads"](self._params, x, y)
+                self._hook(g)
+                self._graphs["update"](self._params, g, state, self._lr)
+        self.ran = True
+        return result
 
 
 class StepCompiler:

@@ -309,7 +309,10 @@ class SurgeryModule(pl.LightningModule):
         """One training step by the compiled graph; False if the caller must take it
         eagerly (no compiled step, or one that cannot take this batch)."""
         step = self._compiled_step(optimizer)
-        result = None if step is None else step(x, y)
+        if step is None:
+            return False
+        with nullcontext() if step.ran else self.profile("compile"):
+            result = step(x, y)
         if result is None:
             return False
         self._record(*result, len(y))
