@@ -181,3 +181,16 @@ def test_module_compile_errors_name_what_is_unsupported(tmp_path):
     model = _module("auto", optimizer=partial(torch.optim.RMSprop, lr=0.01))
     _fit(tmp_path / "auto", model, [StopAt(1)])
     assert model._compiled is None
+
+
+def test_a_run_compiles_more_populations_than_dynamos_recompile_limit():
+    """Every population's step has its own code object: a run that meets more populations
+    than ``recompile_limit`` (8 per code object) still compiles each (torch 2.11 failed the
+    ninth with ``FailOnRecompileLimitHit``)."""
+    limit = torch._dynamo.config.recompile_limit
+    compiler = StepCompiler(backend="eager")
+    x, y = torch.randn(4, 3), torch.tensor([0, 1, 0, 1])
+    for width in range(1, limit + 3):
+        net = build(Topology.mlp(3, [width], 2))
+        opt = torch.optim.SGD(net.parameters(), lr=0.1)
+        assert compiler.bind([net], opt)(x, y) is not None, width

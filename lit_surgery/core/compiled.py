@@ -18,7 +18,7 @@ average the gradients across ranks) splits the step into two graphs with the hoo
 
 from __future__ import annotations
 
-import inspect
+import types
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -42,13 +42,17 @@ SUPPORTED = (
     "torch.optim.Adam and AdamW (amsgrad, weight decay, maximize), one parameter group"
 )
 
-# Each compiled step keeps its own cache of graphs: by default they would all share the
-# recompile limit (8) of the one function they come from, and a run sees more populations.
-_ISOLATED = (
-    {"isolate_recompiles": True}
-    if "isolate_recompiles" in inspect.signature(torch.compile).parameters
-    else {}
-)
+
+def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """``fn`` with a code object of its own. Dynamo keeps its graphs, and counts recompiles
+    against ``recompile_limit`` (8), per code object: all populations' steps come from one
+    source function, so without this the ninth population of a run fails to compile
+    (``FailOnRecompileLimitHit`` under ``fullgraph``; seen with torch 2.11). What
+    ``torch.compile(isolate_recompiles=True)`` does in newer torch, on every version."""
+    return types.FunctionType(
+        fn.__code__.replace(), fn.__globals__, fn.__name__, fn.__defaults__, fn.__closure__
+    )
+
 
 # Written without ``alpha=`` arguments: torch 2.13 drops ``alpha`` from ``Tensor.add`` on a
 # gradient of ``torch.func.grad`` inside ``torch.compile`` (so torch.optim's functional
@@ -67,8 +71,9 @@ class _SGD:
     def keys(self) -> tuple[str, ...]:
         return ("momentum_buffer",) if self.momentum else ()
 
-    def update(self, params: list[Tensor], grads: list[Tensor], state: list[Tensor],
-               lr: Tensor) -> None:
+    def update(
+        self, params: list[Tensor], grads: list[Tensor], state: list[Tensor], lr: Tensor
+    ) -> None:
         """``torch.optim.SGD.step`` after its first step (which creates the buffers)."""
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
             d = -g if self.maximize else g
@@ -95,8 +100,9 @@ class _Adam:
     def keys(self) -> tuple[str, ...]:
         return ("step", "exp_avg", "exp_avg_sq") + (("max_exp_avg_sq",) if self.amsgrad else ())
 
-    def update(self, params: list[Tensor], grads: list[Tensor], state: list[Tensor],
-               lr: Tensor) -> None:
+    def update(
+        self, params: list[Tensor], grads: list[Tensor], state: list[Tensor], lr: Tensor
+    ) -> None:
         """``torch.optim.Adam.step`` (AdamW with ``decoupled_weight_decay``)."""
         n = len(self.keys)
         for i, (p, g) in enumerate(zip(params, grads, strict=True)):
@@ -127,14 +133,25 @@ def _rule(optimizer: torch.optim.Optimizer) -> _Rule | str:
     if group.get("differentiable"):
         return f"{name} with differentiable=True is not supported"
     if type(optimizer) is torch.optim.SGD:
-        return _SGD(float(group["momentum"]), float(group["dampening"]),
-                    float(group["weight_decay"]), bool(group["nesterov"]),
-                    bool(group["maximize"]))
+        return _SGD(
+            float(group["momentum"]),
+            float(group["dampening"]),
+            float(group["weight_decay"]),
+            bool(group["nesterov"]),
+            bool(group["maximize"]),
+        )
     if type(optimizer) in (torch.optim.Adam, torch.optim.AdamW):
         beta1, beta2 = (float(b) for b in group["betas"])
         decoupled = group.get("decoupled_weight_decay", type(optimizer) is torch.optim.AdamW)
-        return _Adam(beta1, beta2, float(group["eps"]), float(group["weight_decay"]),
-                     bool(group["amsgrad"]), bool(group["maximize"]), bool(decoupled))
+        return _Adam(
+            beta1,
+            beta2,
+            float(group["eps"]),
+            float(group["weight_decay"]),
+            bool(group["amsgrad"]),
+            bool(group["maximize"]),
+            bool(decoupled),
+        )
     return f"optimizer {name} is not supported (supported: {SUPPORTED})"
 
 
@@ -168,8 +185,9 @@ def _functions(topologies: Sequence[Topology], rule: _Rule) -> dict[str, Callabl
     def update(params: list[Tensor], g: list[Tensor], state: list[Tensor], lr: Tensor) -> None:
         rule.update(params, g, state, lr)
 
-    def whole(params: list[Tensor], state: list[Tensor], lr: Tensor, x: Tensor,
-              y: Tensor) -> StepResult:
+    def whole(
+        params: list[Tensor], state: list[Tensor], lr: Tensor, x: Tensor, y: Tensor
+    ) -> StepResult:
         g, result = grads(params, x, y)
         rule.update(params, g, state, lr)
         return result
@@ -184,9 +202,15 @@ class CompiledStep:
     parameter, which its first eager step creates, or the batch has a size other than the
     first one's: a partial last batch), and the caller then takes the step eagerly."""
 
-    def __init__(self, graphs: dict[str, Callable[..., Any]], params: list[Tensor],
-                 optimizer: torch.optim.Optimizer, keys: tuple[str, ...],
-                 grad_hook: GradHook | None, cuda_graphs: bool) -> None:
+    def __init__(
+        self,
+        graphs: dict[str, Callable[..., Any]],
+        params: list[Tensor],
+        optimizer: torch.optim.Optimizer,
+        keys: tuple[str, ...],
+        grad_hook: GradHook | None,
+        cuda_graphs: bool,
+    ) -> None:
         self.optimizer = optimizer
         self._graphs, self._params, self._keys = graphs, params, keys
         self._hook, self._cuda_graphs = grad_hook, cuda_graphs
@@ -248,21 +272,27 @@ class StepCompiler:
         self.backend = backend
         self._cache: dict[tuple[Any, ...], dict[str, Callable[..., Any]]] = {}
 
-    def _key(self, nets: Sequence[SurgeryNet], optimizer: torch.optim.Optimizer,
-             hooked: bool) -> tuple[Any, ...]:
+    def _key(
+        self, nets: Sequence[SurgeryNet], optimizer: torch.optim.Optimizer, hooked: bool
+    ) -> tuple[Any, ...]:
         rule = _rule(optimizer)
         if isinstance(rule, str):
             raise ValueError(f"cannot compile the training step: {rule}")
         ref = next(nets[0].parameters())
         return (tuple(net.topology for net in nets), rule, hooked, ref.device.type, ref.dtype)
 
-    def cached(self, nets: Sequence[SurgeryNet], optimizer: torch.optim.Optimizer,
-               hooked: bool = False) -> bool:
+    def cached(
+        self, nets: Sequence[SurgeryNet], optimizer: torch.optim.Optimizer, hooked: bool = False
+    ) -> bool:
         """Whether binding these would reuse graphs compiled before (no compile cost)."""
         return self._key(nets, optimizer, hooked) in self._cache
 
-    def bind(self, nets: Sequence[SurgeryNet], optimizer: torch.optim.Optimizer,
-             grad_hook: GradHook | None = None) -> CompiledStep:
+    def bind(
+        self,
+        nets: Sequence[SurgeryNet],
+        optimizer: torch.optim.Optimizer,
+        grad_hook: GradHook | None = None,
+    ) -> CompiledStep:
         """The compiled step of ``nets``, trained by ``optimizer`` over exactly their
         parameters (in order). Graphs compile on their first call."""
         key = self._key(nets, optimizer, grad_hook is not None)
@@ -274,10 +304,9 @@ class StepCompiler:
             mode = "reduce-overhead" if cuda_graphs else None
             self._cache[key] = {
                 name: torch.compile(
-                    fn, fullgraph=True, dynamic=False, backend=self.backend, mode=mode, **_ISOLATED
+                    _own_code(fn), fullgraph=True, dynamic=False, backend=self.backend, mode=mode
                 )
                 for name, fn in _functions(key[0], key[1]).items()
             }
         rule = key[1]
-        return CompiledStep(self._cache[key], params, optimizer, rule.keys, grad_hook,
-                            cuda_graphs)
+        return CompiledStep(self._cache[key], params, optimizer, rule.keys, grad_hook, cuda_graphs)
