@@ -18,6 +18,7 @@ TINY = Grid(
     seeds=2,
     lrs=(0.02, 0.1),
     front=((8,),),
+    shrink_starts=((6,),),
 )
 
 
@@ -62,6 +63,10 @@ def test_scratch_trains_its_seeds_surgery_topology_and_search_keeps_the_budget(f
         budget = run["cell"]["budget"]
         assert budget == pytest.approx(surgery["epoch_equivalents"], abs=0.05)
         assert budget <= run["epoch_equivalents"] < budget + 1
+    start_params = _runs(results, "plain")[0]["num_params"]
+    for run in _runs(results, "shrink"):  # the start's size is its budget
+        assert run["num_params"] <= start_params
+        assert run["curve"][-1]["num_params"] <= start_params
     for run in _runs(results, "default"):
         assert run["epoch_equivalents"] > 3  # parallel branches and screening count
         assert len(run["curve"]) >= 3 and run["events"][-1]["kind"] == "end"

@@ -182,6 +182,16 @@ class SurgerySettings:
         )
         return cls(**{**choices, **overrides})
 
+    @classmethod
+    def shrink(cls, **overrides: Any) -> SurgerySettings:
+        """For a start that is larger than it needs to be: a singular value below 40% of its
+        layer's largest counts as removable (so OL, T and RL are proposed after a few
+        epochs, when the defaults' thresholds still see none), every halving of the size is
+        worth 0.014 accuracy in the score, and the winner is picked by that score. Give
+        ``max_params`` the start's size so that no branch grows past it (docs/RESULTS.md)."""
+        choices = dict(sv_threshold_rel=0.4, size_penalty=0.02, select_by="score")
+        return cls(**{**choices, **overrides})
+
     def replace(self, **changes: Any) -> SurgerySettings:
         return replace(self, **changes)
 

@@ -11,6 +11,8 @@ Methods:
 - ``plain``: the start topology trained for the schedule's epochs;
 - ``paper``, ``default``, ``random_walk``: surgery with :meth:`SurgerySettings.paper`, the
   defaults, and the random-walk ablation;
+- ``shrink``: surgery with :meth:`SurgerySettings.shrink`, the start's size as
+  ``max_params`` (oversized starts only, :attr:`Grid.shrink_starts`);
 - ``scratch``: the topology that ``default`` surgery ended with (same seed), trained from a
   fresh initialisation for the same epochs: does the path matter, or only the topology?
 - ``search``: Optuna (TPE, median pruning per epoch) over plain MLPs (1 or 2 layers, widths
@@ -49,7 +51,7 @@ from lit_surgery.core.training import evaluate
 from lit_surgery.data import TensorSplits, load_arrays, make_splits
 from lit_surgery.plain import PlainTrainer
 
-SURGERY = ("paper", "default", "random_walk")
+SURGERY = ("paper", "default", "random_walk", "shrink")
 METHODS = ("plain", *SURGERY, "scratch", "search", "front")
 FRONT = ((16,), (64,), (256,), (16, 16), (64, 64), (256, 256))
 
@@ -76,6 +78,7 @@ class Grid:
     seeds: int = 3
     lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
     front: tuple[tuple[int, ...], ...] = FRONT
+    shrink_starts: tuple[tuple[int, ...], ...] = ((256, 256),)
     batch_size: int = 32
     device: str = "cpu"
 
@@ -86,11 +89,13 @@ class Grid:
     def schedule(self, name: str) -> Schedule:
         return next(s for s in self.schedules if s.name == name)
 
-    def settings(self, method: str, schedule: str) -> SurgerySettings:
+    def settings(self, method: str, schedule: str, start_params: int) -> SurgerySettings:
         s = asdict(self.schedule(schedule))
         del s["name"]
         if method == "paper":
             return SurgerySettings.paper(**s)
+        if method == "shrink":
+            return SurgerySettings.shrink(**s, max_params=start_params)
         return SurgerySettings(**s, random_walk=method == "random_walk")
 
 
@@ -205,9 +210,8 @@ def _surgery(cell: Cell, data: TensorSplits, grid: Grid) -> dict[str, Any]:
     net = build(Topology.mlp(data.input_size, cell.start, data.num_classes))
     trainer = PlainTrainer(data, batch_size=grid.batch_size, lr=cell.lr, seed=cell.seed)
     recorder = Recorder(trainer)
-    surgeon = Surgeon(
-        grid.settings(cell.method, cell.schedule), None, trainer.screen, seed=cell.seed
-    )
+    settings = grid.settings(cell.method, cell.schedule, net.topology.num_params)
+    surgeon = Surgeon(settings, None, trainer.screen, seed=cell.seed)
     events = []
     plan = surgeon.start(net)
     while plan.kind != "end":
@@ -351,7 +355,8 @@ def planned(grid: Grid, results: Results) -> list[Cell]:
             for start in grid.starts:
                 base = Cell(dataset, start, schedule, "plain", 0, None, hidden=start)
                 for method in (m for m in grid.methods if m not in ("scratch", "search", "front")):
-                    out += _with_lrs(grid, results, replace(base, method=method))
+                    if method != "shrink" or start in grid.shrink_starts:
+                        out += _with_lrs(grid, results, replace(base, method=method))
                 out += _dependent(grid, results, base)
             if "front" in grid.methods:
                 for hidden in grid.front:

@@ -134,6 +134,12 @@ def main(argv: list[str] | None = None) -> None:
             choices=choices,
             help=f"a part of the grid (default: all of {name})",
         )
+    parser.add_argument(
+        "--starts",
+        nargs="+",
+        type=lambda text: tuple(int(w) for w in text.split(",")),
+        help="a part of the grid's start topologies, e.g. 256,256 (default: all)",
+    )
     parser.add_argument("--device", default="cpu", help="where runs train (cpu, cuda, ...)")
     parser.add_argument(
         "--page-only",
@@ -147,6 +153,7 @@ def main(argv: list[str] | None = None) -> None:
     grid = replace(
         grid,
         datasets=tuple(args.datasets or grid.datasets),
+        starts=tuple(args.starts or grid.starts),
         schedules=tuple(s for s in grid.schedules if s.name in (args.schedules or [s.name])),
         methods=tuple(args.methods or grid.methods),
         device=args.device,
