@@ -5,7 +5,7 @@ PY     := $(VENV)/bin/python
 # The CPU wheel on this disk; an unpinned torch would pull a multi-GB CUDA build.
 TORCH  := torch==2.13.0
 
-.PHONY: setup train test lint clean postgres postgres-stop tune reproduce
+.PHONY: setup train test lint clean postgres postgres-stop tune reproduce bench
 
 setup: $(VENV)/.installed
 
@@ -54,6 +54,12 @@ JOBS ?= $(shell nproc)
 reproduce: setup
 	$(if $(QUICK),,bash .ci/fashion-mnist.sh)
 	$(PY) -m lit_surgery.report.reproduce $(if $(QUICK),--quick) --jobs $(JOBS)
+
+# benchmarks/bench.py: training throughput against a hand-written loop, a surgery run's parts,
+# peak memory; prints a table and writes bench.json (about 15 minutes on 2 CPU cores).
+bench: setup
+	bash .ci/fashion-mnist.sh
+	$(PY) benchmarks/bench.py --out bench.json
 
 lint: setup
 	$(VENV)/bin/ruff check .
