@@ -14,6 +14,7 @@ import os
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import asdict, replace
 from pathlib import Path
@@ -111,6 +112,21 @@ def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
     ]
 
 
+def coverage(cells: list[Cell], results: Results) -> list[str]:
+    """What of the grid has not run yet (a page may be written from a part of it)."""
+    missing = Counter(
+        f"{c.dataset}, {c.schedule} schedule, {c.method}" for c in cells if results.get(c) is None
+    )
+    if not missing:
+        return []
+    lines = [
+        "",
+        f"**Not complete: {sum(missing.values())} planned runs have not run yet**, and "
+        "runs that depend on them (from-scratch and search) are not planned yet:",
+    ]
+    return lines + [f"- {group}: {n} runs" for group, n in sorted(missing.items())]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="make reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("--quick", action="store_true", help="the reduced grid (minutes)")
@@ -164,9 +180,11 @@ def main(argv: list[str] | None = None) -> None:
     if not args.page_only:
         run_grid(grid, results, args.jobs)
     command = "make reproduce" + (" QUICK=1" if args.quick else "")
-    done = [r for c in planned(grid, results) if (r := results.get(c)) is not None]
+    cells = planned(grid, results)
+    done = [r for c in cells if (r := results.get(c)) is not None]
     devices = sorted({r.get("device", "cpu") for r in done})
-    path = write_page(done, args.out, header=header(grid, command, devices))
+    lines = header(grid, command, devices) + coverage(cells, results)
+    path = write_page(done, args.out, header=lines)
     print(f"wrote {path}", flush=True)
 
 

@@ -392,6 +392,8 @@ def targets(page: Page, dataset: str = "fashion_mnist", schedule: str = "quick")
 
 
 def _verdicts(rows: list[Verdict]) -> list[str]:
+    if not rows:
+        return ["Not measured yet: the runs it needs have not run."]
     lines = ["| claim | measured | holds |", "|---|---|---|"]
     for claim, measured, holds in rows:
         lines.append(f"| {claim} | {measured} | {'yes' if holds else '**no**'} |")
