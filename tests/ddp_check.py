@@ -2,7 +2,10 @@
 every rank, a hash of all parameters and of the optimiser state after each surgery, after
 each epoch's training and at the end; rank 0 writes all ranks' hashes to argv[1], with
 the parameters themselves after each epoch before the first surgery. argv[3] is
-data.steps_per_batch (above 1: manual optimisation with its own gradient all-reduce)."""
+data.steps_per_batch (above 1: manual optimisation with its own gradient all-reduce); an
+argv[4] of "compile" trains by the compiled step (``aot_eager``: the graphs traced as with
+inductor, without its code generation, which takes tens of seconds per graph here) and
+records how many graphs had compiled at each check."""
 
 import hashlib
 import json
@@ -13,7 +16,9 @@ import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
 from lightning.pytorch.callbacks import Callback
+from torch._dynamo.testing import CompileCounterWithBackend
 
+from lit_surgery.core.compiled import StepCompiler
 from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.loop import attach
@@ -43,6 +48,8 @@ class HashCheck(Callback):
                       if isinstance(v, torch.Tensor))
         mine = {"params": params, "optimizer": opt, "topologies":
                 [net.topology.describe() for net in module.population]}
+        if isinstance(module.step_compiler.backend, CompileCounterWithBackend):
+            mine["graphs"] = module.step_compiler.backend.frame_count
         gathered = [None] * trainer.world_size
         dist.all_gather_object(gathered, mine)
         self.records.append({"label": label, "epoch": trainer.current_epoch,
@@ -61,23 +68,28 @@ class HashCheck(Callback):
         self._check(trainer, module, "end")
         if trainer.is_global_zero:
             with open(sys.argv[1], "w") as f:
-                json.dump({"records": self.records, "events": module.events}, f)
+                json.dump({"records": self.records, "events": module.events,
+                           "automatic_optimization": module.automatic_optimization}, f)
 
 
-def make_model() -> SurgeryModule:
-    settings = SurgerySettings(max_epochs=8, initial_epochs=2, epoch_step=2)
-    return SurgeryModule(hidden=[6], surgery=settings,
-                         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+def make_model(compile: bool = False) -> SurgeryModule:
+    """Three generations; one when compiled (each population compiles its own graphs)."""
+    settings = SurgerySettings(max_epochs=4 if compile else 8, initial_epochs=2, epoch_step=2)
+    model = SurgeryModule(hidden=[6], surgery=settings, compile=compile,
+                          optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+    if compile:
+        model.step_compiler = StepCompiler(backend=CompileCounterWithBackend("aot_eager"))
+    return model
 
 
 def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    model = make_model()
+    model = make_model(compile=sys.argv[4:] == ["compile"])
     trainer = pl.Trainer(
-        strategy="ddp", accelerator="cpu", devices=2, max_epochs=8, logger=False,
-        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
-        callbacks=[HashCheck()], default_root_dir=sys.argv[2],
+        strategy="ddp", accelerator="cpu", devices=2, max_epochs=model.settings.max_epochs,
+        logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[HashCheck()], default_root_dir=sys.argv[2],
     )
     attach(trainer)
     data = SurgeryDataModule("digits", steps_per_batch=int(sys.argv[3]), **DATA)

@@ -1,6 +1,6 @@
 """Two DDP processes on CPU (gloo): every rank must hold bit-identical networks and
 optimiser state after every surgery and after training on different shards, and train as
-one process does on the same global batches."""
+one process does (eagerly) on the same global batches, by eager or compiled steps."""
 
 import json
 import subprocess
@@ -45,17 +45,21 @@ def _one_process(tmp_path, batch_size: int, steps_per_batch: int, epochs: int) -
 
 
 # steps_per_batch 1: Lightning's automatic optimisation, DDP's reducer averages gradients;
-# 4: manual optimisation, the module averages each micro-step's gradients itself
-@pytest.mark.parametrize("steps_per_batch", [1, 4])
-def test_ddp_ranks_stay_identical_through_surgery(tmp_path, steps_per_batch):
+# 4: manual optimisation, the module averages each micro-step's gradients itself, in eager
+# steps or as the hook between the compiled step's two graphs
+@pytest.mark.parametrize(("steps_per_batch", "compile"), [(1, False), (4, False), (4, True)],
+                         ids=["1-eager", "4-eager", "4-compiled"])
+def test_ddp_ranks_stay_identical_through_surgery(tmp_path, steps_per_batch, compile):
     out = tmp_path / "hashes.json"
     script = Path(__file__).with_name("ddp_check.py")
-    subprocess.run([sys.executable, str(script), str(out), str(tmp_path), str(steps_per_batch)],
-                   check=True, cwd=tmp_path, timeout=600)
+    command = [sys.executable, str(script), str(out), str(tmp_path), str(steps_per_batch)]
+    subprocess.run(command + ["compile"] * compile, check=True, cwd=tmp_path, timeout=600)
     data = json.loads(out.read_text())
     records = data["records"]
+    assert data["automatic_optimization"] == (steps_per_batch == 1 and not compile)
     assert [e["kind"] for e in data["events"]][-1] == "end"
-    assert len(data["events"]) >= 4  # three generations and the end
+    generations = 1 if compile else 3
+    assert len(data["events"]) == generations + 1  # and the end
     changed = {tuple(r["ranks"][0]["topologies"]) for r in records}
     assert len(changed) > 1, "surgery never changed the population"
     for r in records:
@@ -63,8 +67,12 @@ def test_ddp_ranks_stay_identical_through_surgery(tmp_path, steps_per_batch):
         assert first == second, f"ranks differ at {r['label']}, epoch {r['epoch']}"
     # surgery then further training: new parameters are synchronised by the new DDP wrapper
     after = [r for r in records if r["label"].startswith("epoch end") and r["surgeries"] > 0]
-    assert len(after) >= 4
-    # before the first surgery: two ranks on batches of 32 train as one process on 64
+    assert len(after) == 2 * generations
+    if compile:  # every population trained by its two graphs (the hook between them)
+        trained = {tuple(r["ranks"][0]["topologies"]) for r in records
+                   if r["label"].startswith("epoch end")}
+        assert records[-1]["ranks"][0]["graphs"] == 2 * len(trained)
+    # before the first surgery: two ranks on batches of 32 train as one eager process on 64
     ddp = [torch.tensor(r["params"]) for r in records if "params" in r]
     single = _one_process(tmp_path / "single", 64, steps_per_batch, len(ddp))
     assert len(ddp) == 2

@@ -266,9 +266,10 @@ class StepCompiler:
     """Compiled training steps, cached by the population's topologies and the optimiser's
     settings (its type and every hyperparameter but the learning rate). ``backend`` is
     ``torch.compile``'s: ``"aot_eager"`` traces the same graphs without generating code (a
-    fraction of the compile time; for tests and debugging)."""
+    fraction of the compile time; for tests and debugging), and a callable one can count
+    the graphs (``torch._dynamo.testing.CompileCounterWithBackend``)."""
 
-    def __init__(self, backend: str = "inductor") -> None:
+    def __init__(self, backend: str | Callable[..., Any] = "inductor") -> None:
         self.backend = backend
         self._cache: dict[tuple[Any, ...], dict[str, Callable[..., Any]]] = {}
 
