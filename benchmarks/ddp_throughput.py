@@ -7,9 +7,12 @@ data, so per-rank steps per second is what DDP must keep (target >= 0.9x one pro
 Runs alternate between one and two processes; the figures are medians over the epochs
 after the first of every run. Gloo keeps two threads of each rank busy while it waits (the
 main thread and its TCP loop thread, as ``top -H`` shows), so two ranks need about four
-free cores: on two cores they starve each other. Usage:
+free cores: on two cores they starve each other. ``--compile`` trains by the compiled step
+(``compile=True``; under DDP the all-reduce runs between its two graphs), else eagerly
+(``compile=False``); a run's first epoch, which compiles, is not counted. Usage:
 
-    python benchmarks/ddp_throughput.py [--dataset fashion_mnist] [--repeats 3]
+    python benchmarks/ddp_throughput.py [--dataset fashion_mnist] [--repeats 3] [--compile]
+        [--json PATH]
 """
 
 from __future__ import annotations
@@ -53,7 +56,7 @@ def worker(args: argparse.Namespace) -> None:
     """One fit on ``args.devices`` processes; rank 0 writes every rank's epochs to ``args.out``."""
     torch.set_num_threads(1)
     settings = SurgerySettings(max_epochs=args.epochs, initial_epochs=args.epochs, epoch_step=1)
-    model = SurgeryModule(hidden=args.hidden, surgery=settings,
+    model = SurgeryModule(hidden=args.hidden, surgery=settings, compile=args.compile,
                           optimizer=partial(torch.optim.SGD, lr=0.005))
     rate = StepRate()
     trainer = pl.Trainer(
@@ -83,7 +86,7 @@ def run(args: argparse.Namespace, devices: int) -> list[float]:
                    str(devices), "--out", str(out), "--dataset", args.dataset,
                    "--batch-size", str(args.batch_size), "--epochs", str(args.epochs),
                    "--steps-per-batch", str(args.steps_per_batch),
-                   "--hidden", *map(str, args.hidden)]
+                   "--hidden", *map(str, args.hidden), *["--compile"] * args.compile]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         subprocess.run(command, check=True, env=env, cwd=tmp, stdout=subprocess.DEVNULL)
         ranks = json.loads(out.read_text())
@@ -99,6 +102,8 @@ def main() -> None:
     parser.add_argument("--steps-per-batch", type=int, default=32)
     parser.add_argument("--epochs", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--compile", action="store_true", help="train by the compiled step")
+    parser.add_argument("--json", type=Path, help="also write the figures to this file")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--devices", type=int, default=1, help=argparse.SUPPRESS)
     parser.add_argument("--out", help=argparse.SUPPRESS)
@@ -110,9 +115,11 @@ def main() -> None:
     for _ in range(args.repeats):  # interleaved: drifts in machine load hit both alike
         one.append(run(args, 1)[0])
         two.append(run(args, 2))
-    print(f"dataset={args.dataset} hidden={args.hidden} batch={args.batch_size} "
-          f"steps_per_batch={args.steps_per_batch} threads/process=1 device=cpu "
-          f"cores={os.cpu_count()} epochs={args.epochs} repeats={args.repeats}")
+    settings = {"dataset": args.dataset, "hidden": args.hidden, "batch_size": args.batch_size,
+                "steps_per_batch": args.steps_per_batch, "compile": args.compile,
+                "threads_per_process": 1, "device": "cpu", "cores": os.cpu_count(),
+                "epochs": args.epochs, "repeats": args.repeats}
+    print(" ".join(f"{k}={v}" for k, v in settings.items()))
     print("1 process:        " + ", ".join(f"{r:6.0f}" for r in one) + "  steps/s")
     for rank in range(2):
         rates = [r[rank] for r in two]
@@ -120,6 +127,11 @@ def main() -> None:
     per_rank = statistics.median(statistics.mean(r) for r in two)
     single = statistics.median(one)
     print(f"per-rank / one process: {per_rank / single:.3f} (medians; target >= 0.9)")
+    if args.json:
+        args.json.write_text(json.dumps({
+            "settings": settings, "one_process": one, "two_processes_per_rank": two,
+            "one_process_median": single, "per_rank_median": per_rank,
+            "ratio": per_rank / single}, indent=1))
 
 
 if __name__ == "__main__":
