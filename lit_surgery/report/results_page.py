@@ -239,9 +239,10 @@ class Page:
                 marker="s",
                 label=LABELS["front"] + "s (front)",
             )
-        markers = dict(zip(("o", "^", "v", "D", "P", "X"), range(6), strict=True))
+        methods = [m for m in LABELS if m != "front"]
+        markers = dict(zip(methods, "o^vDsPX", strict=True))
         for k, start in enumerate(self.starts(dataset, schedule)):
-            for method, marker in zip(LABELS, markers, strict=False):
+            for method, marker in markers.items():
                 g = self.find(dataset, schedule, start, method)
                 if g is None:
                     continue
