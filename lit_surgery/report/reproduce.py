@@ -179,7 +179,8 @@ def main(argv: list[str] | None = None) -> None:
     print(f"grid: {asdict(grid)}\ncell results: {folder}", flush=True)
     if not args.page_only:
         run_grid(grid, results, args.jobs)
-    command = "make reproduce" + (" QUICK=1" if args.quick else "")
+    given = sys.argv[1:] if argv is None else argv
+    command = " ".join(["python -m lit_surgery.report.reproduce", *given])
     cells = planned(grid, results)
     done = [r for c in cells if (r := results.get(c)) is not None]
     devices = sorted({r.get("device", "cpu") for r in done})
