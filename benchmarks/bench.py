@@ -278,9 +278,9 @@ def surgery_run(
         optimizer=partial(torch.optim.SGD, lr=LR),
         compile=args.compile,
     )
-    profiler = SimpleProfiler()
     memory = PeakMemory(device)
     with tempfile.TemporaryDirectory() as root:
+        profiler = SimpleProfiler(dirpath=root, filename="profile")  # its report: a file
         logger = _logger(root)
         time_logging(logger, profiler)
         trainer = _trainer(
