@@ -186,7 +186,7 @@ class Page:
         figure = Figure(figsize=(5 * len(starts), 4.2))
         for i, start in enumerate(starts):
             ax = figure.add_subplot(1, len(starts), i + 1)
-            for method in ("plain", "default", "paper", "random_walk"):
+            for method in ("plain", "default", "paper", "random_walk", "shrink"):
                 g = self.find(dataset, schedule, start, method)
                 if g is None:
                     continue
@@ -206,21 +206,37 @@ class Page:
         return self._save(figure, f"{dataset}_{schedule}_curves.png")
 
     def plot_widths(self, dataset: str, schedule: str) -> str:
+        """Widths of the leading branch over the run (seed 0): default surgery, solid, and
+        the shrink preset, dashed, where it ran."""
         starts = self.starts(dataset, schedule)
         figure = Figure(figsize=(5 * len(starts), 3.8))
         for i, start in enumerate(starts):
             ax = figure.add_subplot(1, len(starts), i + 1)
-            g = self.find(dataset, schedule, start, "default")
-            if g is None:
+            shown = []
+            for method, style in (("default", "-"), ("shrink", "--")):
+                g = self.find(dataset, schedule, start, method)
+                if g is None:
+                    continue
+                shown.append(LABELS[method])
+                curve = g.runs[0]["curve"]
+                x = [p["epoch"] for p in curve]
+                for layer in range(max(len(p["widths"]) for p in curve)):
+                    y = [
+                        p["widths"][layer] if layer < len(p["widths"]) else math.nan for p in curve
+                    ]
+                    ax.plot(
+                        x,
+                        y,
+                        style,
+                        drawstyle="steps-pre",
+                        color=f"C{layer}",
+                        label=f"layer {layer}, {method}",
+                    )
+            if not shown:
+                ax.text(0.5, 0.5, "no surgery run yet", ha="center", transform=ax.transAxes)
                 continue
-            curve = g.runs[0]["curve"]
-            depth = max(len(p["widths"]) for p in curve)
-            x = [p["epoch"] for p in curve]
-            for layer in range(depth):
-                y = [p["widths"][layer] if layer < len(p["widths"]) else math.nan for p in curve]
-                ax.plot(x, y, drawstyle="steps-pre", label=f"layer {layer}")
             ax.set_yscale("log")
-            ax.set_title(f"default surgery from {_widths(start)}, seed 0")
+            ax.set_title(f"from {_widths(start)}, seed 0: {', '.join(shown)}", fontsize=9)
             ax.set_xlabel("epoch of the run")
             ax.set_ylabel("width of the leading branch")
             ax.legend(fontsize=7)
