@@ -108,7 +108,9 @@ def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
         "searches it over the same values);",
         f"- {grid.seeds} seeds per cell: mean ± standard deviation;",
         "- wall times include screening and every other part of surgery, and the validation "
-        "evaluation after each epoch (in every method alike).",
+        "evaluation after each epoch (in every method alike). They are only as steady as "
+        "the machine was: runs that shared their cores with other jobs (digits runs last "
+        "seconds) can be off by several times, so read cost verdicts with the load in mind.",
     ]
 
 
