@@ -185,7 +185,7 @@ def main(argv: list[str] | None = None) -> None:
     command = " ".join(["python -m lit_surgery.report.reproduce", *given])
     cells = planned(grid, results)
     done = [r for c in cells if (r := results.get(c)) is not None]
-    devices = sorted({r.get("device", "cpu") for r in done})
+    devices = sorted({r.get("device", "a CPU (not recorded)") for r in done})
     lines = header(grid, command, devices) + coverage(cells, results)
     path = write_page(done, args.out, header=lines)
     print(f"wrote {path}", flush=True)

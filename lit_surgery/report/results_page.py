@@ -390,7 +390,9 @@ def targets(page: Page, dataset: str = "fashion_mnist", schedule: str = "quick")
             (
                 f"shrink from [256,256] ({LABELS[method]}): >= 40% fewer parameters at no loss "
                 "of test accuracy",
-                f"{fewer:.1%} fewer, accuracy {g.mean('test'):.4f} vs {plain.mean('test'):.4f}",
+                f"{abs(fewer):.1%} {'fewer' if fewer >= 0 else 'more'}, accuracy "
+                f"{g.mean('test'):.4f} vs {plain.mean('test'):.4f} "
+                f"(n={len(g.runs)} and {len(plain.runs)} seeds)",
                 fewer >= 0.4 and loss <= 0,
             )
         )
