@@ -264,10 +264,14 @@ class SurgeryModule(pl.LightningModule):
         """Whether this fit may train by compiled steps (optimisation is then manual)."""
         if self.compile_policy is False:
             return False
-        reason = self._compile_blocker()
+        return self._compilable(self._compile_blocker())
+
+    def _compilable(self, reason: str | None) -> bool:
+        """True if nothing (``reason``) stands in the compiled step's way; else an error when
+        ``compile=true`` asked for it, a note when ``auto`` falls back to eager steps."""
         if reason is not None and self.compile_policy is True:
             raise ValueError(
-                f"model.compile=true: the compiled training step does not support {reason}; "
+                f"model.compile=true: cannot compile the training step: {reason}; "
                 "use model.compile=false or 'auto'"
             )
         if reason is not None:
@@ -286,16 +290,7 @@ class SurgeryModule(pl.LightningModule):
         if optimizer is self._compiled_for:
             return self._compiled
         self._compiled_for, self._compiled = optimizer, None
-        if not self._compile_allowed:
-            return None
-        reason = unsupported(optimizer)
-        if reason is not None and self.compile_policy is True:
-            raise ValueError(
-                f"model.compile=true: cannot compile the training step: {reason}; "
-                "use model.compile=false or 'auto'"
-            )
-        if reason is not None:
-            rank_zero_info(f"lit_surgery: eager training steps ({reason})")
+        if not self._compile_allowed or not self._compilable(unsupported(optimizer)):
             return None
         nets = list(self.population)
         hook = self._average_gradients if self.trainer.world_size > 1 else None
