@@ -40,7 +40,8 @@ from typing import Any
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from ddp_throughput import StepRate  # this folder is on sys.path when run as a script
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.profilers import SimpleProfiler
 
 from lit_surgery.core.network import build
@@ -68,17 +69,6 @@ PARTS = {
     "logging": ("logging",),
 }
 """The parts of a run: profiler actions whose durations add up to each."""
-
-
-class EpochTimer(Callback):
-    def __init__(self) -> None:
-        self.epochs: list[tuple[int, float]] = []  # (optimiser steps, seconds)
-
-    def on_train_epoch_start(self, trainer: pl.Trainer, module: Any) -> None:
-        self._start, self._step = time.perf_counter(), trainer.global_step
-
-    def on_train_epoch_end(self, trainer: pl.Trainer, module: Any) -> None:
-        self.epochs.append((trainer.global_step - self._step, time.perf_counter() - self._start))
 
 
 def steady_rate(epochs: list[tuple[int, float]]) -> float:
@@ -142,7 +132,7 @@ def lightning_rate(
     model = SurgeryModule(
         hidden=hidden, surgery=settings, optimizer=partial(torch.optim.SGD, lr=LR), compile=compile
     )
-    timer = EpochTimer()
+    timer = StepRate()
     with tempfile.TemporaryDirectory() as root:
         _trainer(device, epochs, root, limit_val_batches=0, callbacks=[timer]).fit(model, dm)
     return steady_rate(timer.epochs)

@@ -78,10 +78,10 @@ def _all(results):
 
 def test_a_rerun_runs_nothing_and_an_interrupted_cell_runs_again(finished):
     results, _ = finished
-    assert run_grid(TINY, results, jobs=1) == 0
+    assert run_grid(TINY, Results(results.folder), jobs=1) == 0  # a new process: from files
     victim = next(iter(results.folder.glob("*.json")))
-    victim.unlink()
-    assert run_grid(TINY, results, jobs=1) == 1
+    victim.unlink()  # the cell a killed run never finished
+    assert run_grid(TINY, Results(results.folder), jobs=1) == 1
     assert not list(results.folder.glob("*.tmp"))
 
 

@@ -152,7 +152,7 @@ class Recorder:
                 metric = self.trainer.train(branch, 1)
                 metrics[i] = math.nan if math.isnan(metrics[i]) else metric
             self.epochs_trained += len(branches)
-            best = max(range(len(branches)), key=lambda i: _finite(metrics[i]))
+            best = max(range(len(branches)), key=lambda i: finite(metrics[i]))
             self.curve.append(
                 {
                     "epoch": len(self.curve) + 1,
@@ -165,8 +165,9 @@ class Recorder:
         return metrics
 
 
-def _finite(x: float) -> float:
-    return -math.inf if math.isnan(x) else x
+def finite(x: float | None) -> float:
+    """``x``, or minus infinity for a missing or NaN (diverged) metric: for ``max``."""
+    return -math.inf if x is None or math.isnan(x) else x
 
 
 def _result(
@@ -304,19 +305,25 @@ class Results:
     def __init__(self, folder: Path) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self._read: dict[str, dict[str, Any]] = {}  # planning reads each result many times
 
     def path(self, cell: Cell) -> Path:
         return self.folder / f"{cell.key}.json"
 
     def get(self, cell: Cell) -> dict[str, Any] | None:
-        path = self.path(cell)
-        return json.loads(path.read_text()) if path.exists() else None
+        if cell.key not in self._read:
+            path = self.path(cell)
+            if not path.exists():
+                return None
+            self._read[cell.key] = json.loads(path.read_text())
+        return self._read[cell.key]
 
     def put(self, cell: Cell, result: dict[str, Any]) -> None:
         path = self.path(cell)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(path)  # atomic: an interrupted run leaves no half-written result
+        self._read[cell.key] = result
 
 
 def chosen_lr(results: Results, cells: list[Cell]) -> float | None:
@@ -325,7 +332,7 @@ def chosen_lr(results: Results, cells: list[Cell]) -> float | None:
     found = [results.get(c) for c in cells]
     if any(r is None for r in found):
         return None
-    return max(zip(found, cells, strict=True), key=lambda rc: _finite(rc[0]["val"]))[1].lr
+    return max(zip(found, cells, strict=True), key=lambda rc: finite(rc[0]["val"]))[1].lr
 
 
 def _with_lrs(grid: Grid, results: Results, base: Cell) -> Iterator[Cell]:

@@ -22,7 +22,8 @@ from lit_surgery.core.network import SurgeryNet
 from lit_surgery.report.tables import write_atomic
 
 
-def _save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
+def save_figure(figure: Figure, path: str | os.PathLike[str]) -> Path:
+    """``figure`` as a PNG at ``path``, written atomically."""
     path = Path(path)
     FigureCanvasAgg(figure)  # attach an Agg canvas: rendering needs no pyplot, no display
     buffer = io.BytesIO()
@@ -96,7 +97,7 @@ def plot_widths(
         ax.text(0.5, 0.5, "no epochs logged", ha="center", transform=ax.transAxes)
     ax.set_title("leading branch: hidden widths and parameters")
     figure.tight_layout()
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
 
 
 def plot_spectra(
@@ -156,4 +157,4 @@ def plot_spectra(
     else:
         ax.text(0.5, 0.5, "no hidden layers", ha="center", transform=ax.transAxes)
     figure.tight_layout()
-    return _save_figure(figure, path)
+    return save_figure(figure, path)
