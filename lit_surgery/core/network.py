@@ -13,7 +13,7 @@ from collections.abc import Sequence
 import torch
 from torch import Tensor, nn
 
-from lit_surgery.core.topology import ACTIVATIONS, LAYER_KINDS, Topology
+from lit_surgery.core.topology import LAYER_KINDS, Topology
 
 LayerWeights = tuple[Tensor, Tensor | None]
 
@@ -25,10 +25,7 @@ class SurgeryNet(nn.Module):
         super().__init__()
         self.topology = topology
         self.hidden = nn.ModuleList(
-            nn.Sequential(
-                LAYER_KINDS[layer.kind].build(topology.fan_in(i), layer),
-                ACTIVATIONS[layer.activation](),
-            )
+            nn.Sequential(*LAYER_KINDS[layer.kind].block(topology.fan_in(i), layer))
             for i, layer in enumerate(topology.hidden)
         )
         self.output = nn.Linear(topology.fan_in(topology.depth), topology.output_size)
