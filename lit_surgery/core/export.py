@@ -5,7 +5,8 @@ A pickled module (``torch.save(model)``) needs ``torch.load(weights_only=False)`
 executes whatever the file contains. safetensors holds only tensors and a JSON header, and
 the topology is JSON, so loading an export never unpickles anything. The tensors are the
 state dict of the plain ``nn.Sequential`` (``Flatten``, then per hidden layer ``Linear``
-and its activation unless linear, then the output ``Linear``) that
+and its activation unless linear, then the output ``Linear``; a CNN has ``Unflatten`` and
+its conv blocks' modules before a second ``Flatten``) that
 :meth:`~lit_surgery.core.network.SurgeryNet.to_sequential` builds, so the README's recipe needs
 only torch and safetensors. The safetensors header repeats the topology, which makes the
 weights file self-describing.
