@@ -9,35 +9,32 @@ Weights follow torch: a conv weight is ``out x in x kh x kw``.
 from __future__ import annotations
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 from torch.nn.grad import conv2d_input
-
-from lit_surgery.core.network import NormState
 
 
 def fold_norm(
-    weight: Tensor, bias: Tensor | None, state: NormState, eps: float
-) -> tuple[Tensor, Tensor | None]:
+    weight: Tensor, bias: Tensor | None, norm: nn.BatchNorm2d
+) -> tuple[Tensor, Tensor]:
     """The conv followed by its batch norm in eval mode, as one conv: per out-channel
     ``g = gamma / sqrt(var + eps)``, ``W' = g W``, ``b' = g (b - mean) + beta``. Only the
     running statistics make this a fixed affine map, so it holds in eval mode."""
-    if state is None:
-        return weight, bias
-    g = state["weight"] / torch.sqrt(state["running_var"] + eps)
-    shifted = -state["running_mean"] if bias is None else bias - state["running_mean"]
-    return weight * g.view(-1, *[1] * (weight.dim() - 1)), g * shifted + state["bias"]
+    assert norm.running_mean is not None and norm.running_var is not None
+    g = norm.weight.detach() / torch.sqrt(norm.running_var + norm.eps)
+    shifted = -norm.running_mean if bias is None else bias - norm.running_mean
+    return weight * g.view(-1, *[1] * (weight.dim() - 1)), g * shifted + norm.bias.detach()
 
 
-def identity_norm(bias: Tensor, template: NormState, eps: float) -> NormState:
-    """A batch norm that is the identity in eval mode, plus ``bias``: mean 0, variance 1,
-    ``gamma = sqrt(1 + eps)``; ``beta`` carries the bias. ``num_batches_tracked`` stays."""
-    assert template is not None
+def identity_norm(bias: Tensor, norm: nn.BatchNorm2d) -> dict[str, Tensor]:
+    """The state of a batch norm that is the identity plus ``bias`` in eval mode: mean 0,
+    variance 1, ``gamma = sqrt(1 + eps)``, ``beta = bias``; ``norm``'s batch count."""
+    assert norm.num_batches_tracked is not None
     return {
-        "weight": torch.full_like(bias, (1.0 + eps) ** 0.5),
+        "weight": torch.full_like(bias, (1.0 + norm.eps) ** 0.5),
         "bias": bias.clone(),
         "running_mean": torch.zeros_like(bias),
         "running_var": torch.ones_like(bias),
-        "num_batches_tracked": template["num_batches_tracked"].clone(),
+        "num_batches_tracked": norm.num_batches_tracked.clone(),
     }
 
 

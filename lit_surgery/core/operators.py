@@ -455,7 +455,7 @@ def remove_layer(net: SurgeryNet, layer: int, *, exact: bool = False) -> Mutatio
     (w, b), (w_next, b_next) = weights[layer], weights[layer + 1]
     bn = net.norm(layer)
     if bn is not None:
-        w, b = fold_norm(w, b, norms[layer], bn.eps)
+        w, b = fold_norm(w, b, bn)
     removed = topo.hidden[layer]
     if not isinstance(removed, ConvLayer):
         merged_w = w_next @ w
@@ -523,7 +523,7 @@ def remove_neurons(net: SurgeryNet, layer: int, amount: int) -> Mutation:
     (w, b), (w_next, b_next) = weights[layer], weights[layer + 1]
     bn = net.norm(layer)
     if bn is not None:
-        w, b = fold_norm(w, b, norms[layer], bn.eps)
+        w, b = fold_norm(w, b, bn)
     u, _, _ = _svd(w)
     uk = u[:, :keep].to(w.dtype)
     view = _columns(w_next, width)
@@ -534,7 +534,7 @@ def remove_neurons(net: SurgeryNet, layer: int, amount: int) -> Mutation:
         b_next = b_next + view.sum(2) @ (b - uk @ new_b)  # the residual, as the next sees it
     if bn is not None:
         assert new_b is not None  # folding always gives a bias
-        norms[layer] = identity_norm(new_b, norms[layer], bn.eps)
+        norms[layer] = identity_norm(new_b, bn)
         new_b = torch.zeros_like(new_b) if topo.hidden[layer].bias else None
     projected = (uk.T @ w.reshape(width, -1)).reshape(keep, *w.shape[1:])
     weights[layer] = (projected, new_b)
