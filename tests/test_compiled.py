@@ -57,16 +57,17 @@ def _train_alike(nets, make_optimizer, compiler, state=None, steps=50, batch=8):
     for _ in range(steps):
         x = torch.randn(batch, nets[0].topology.input_size, generator=gen)
         y = torch.randint(0, nets[0].topology.output_size, (batch,), generator=gen)
-        result = step(x, y)
-        if result is None:  # a fresh optimiser's first step creates its state eagerly
+        totals = step(x, y)
+        if totals is None:  # a fresh optimiser's first step creates its state eagerly
             _eager_step(nets, opt, x, y)
         with torch.no_grad():
             correct = (twins[0](x).argmax(1) == y).sum()
         losses = _eager_step(twins, twin_opt, x, y)
-        if result is not None:
+        if totals is not None:  # per-branch losses, leading loss * samples, right answers
             compiled += 1
-            torch.testing.assert_close(result[0], losses)
-            assert int(result[1]) == int(correct)
+            torch.testing.assert_close(totals[:-2], losses)
+            torch.testing.assert_close(totals[-2], losses[0] * batch)
+            assert totals[-1] == correct
         for sched in scheds:
             sched.step()
     assert compiled >= steps - 1  # the first of a fresh optimiser may be eager
@@ -102,6 +103,29 @@ def test_compiled_steps_match_eager_before_and_after_surgery(make_optimizer):
     _train_alike(survivors, make_optimizer, compiler, state=carried)
     assert counter.frame_count == 2  # the new population's graph
     assert compiler.cached(survivors, opt)
+
+
+def test_compiled_step_trains_on_a_loaded_optimiser_state():
+    """The step keeps its list of the optimiser's state tensors between calls, but
+    ``load_state_dict`` (resuming) replaces them: the step must then update the new ones."""
+    nets = [_net([4])]
+    twins = copy.deepcopy(nets)
+    opt, twin_opt = SGD(_params(nets)), SGD(_params(twins))
+    step = StepCompiler(backend="aot_eager").bind(nets, opt)
+    gen = torch.Generator().manual_seed(1)
+    for i in range(6):
+        x, y = torch.randn(8, 6, generator=gen), torch.randint(0, 3, (8,), generator=gen)
+        if i == 2:
+            saved = copy.deepcopy(twin_opt.state_dict())
+        if i == 4:  # back to the momentum of two steps ago, on both
+            opt.load_state_dict(copy.deepcopy(saved))
+            twin_opt.load_state_dict(copy.deepcopy(saved))
+        if step(x, y) is None:
+            assert i == 0  # the first step creates the momentum buffers
+            _eager_step(nets, opt, x, y)
+        _eager_step(twins, twin_opt, x, y)
+    for a, b in zip(_params(nets), _params(twins), strict=True):
+        torch.testing.assert_close(a, b)
 
 
 def test_inductor_step_matches_eager():

@@ -14,6 +14,9 @@ is a tensor input, so a scheduler takes effect without a recompile.
 Graphs are cached by the population's topologies and the optimiser's settings
 (:class:`StepCompiler`): a population seen before costs no compile. A ``grad_hook`` (DDP:
 average the gradients across ranks) splits the step into two graphs with the hook between.
+What a run logs of a step (:func:`step_totals`) comes out of the graph as one tensor, and
+Dynamo checks only the inputs' tensor guards before each call (:func:`_input_guards`): a step
+of a small network costs microseconds, and either costs as much as its arithmetic.
 """
 
 from __future__ import annotations
@@ -34,13 +37,31 @@ from lit_surgery.core.topology import Topology
 GradHook = Callable[[list[Tensor]], None]
 """Receives the gradients (one per parameter, in order) and changes them in place."""
 
-StepResult = tuple[Tensor, Tensor]
-"""Per-branch losses, and the number of samples the first branch classified right."""
 
 SUPPORTED = (
     "torch.optim.SGD (momentum, dampening, weight decay, nesterov, maximize), "
     "torch.optim.Adam and AdamW (amsgrad, weight decay, maximize), one parameter group"
 )
+
+
+def step_totals(losses: Tensor, correct: Tensor, batch: int) -> Tensor:
+    """What a training step adds to the sums a run logs, in one tensor (one add per step):
+    each branch's loss, then the first branch's loss times ``batch`` (the samples) and the
+    number of samples it classified right (``correct``)."""
+    return torch.cat([losses, losses[:1] * batch, correct.reshape(1).to(losses.dtype)])
+
+
+def _input_guards(entries: Sequence[Any]) -> list[bool]:
+    """Which of Dynamo's guards a step checks before each call (``guard_filter_fn``): the
+    inputs' tensor guards and the global state (grad mode, ...). The others, about 670 for a
+    [10,10,10] network, guard what the cache key fixes (the template modules, the update
+    rule's fields, the lists' lengths) and cost a fifth of the step. What torch 2.13's
+    ``torch.compiler.keep_portable_guards_unsafe`` keeps."""
+    return [
+        e.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
+        or (e.guard_type == "TENSOR_MATCH" and not e.is_global)
+        for e in entries
+    ]
 
 
 def _own_code(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -167,7 +188,7 @@ def _functions(topologies: Sequence[Topology], rule: _Rule) -> dict[str, Callabl
     templates = [SurgeryNet(t).to("meta") for t in topologies]
     names = [[name for name, _ in t.named_parameters()] for t in templates]
 
-    def loss(params: list[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, StepResult]:
+    def loss(params: list[Tensor], x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         losses, offset, correct = [], 0, None
         for template, keys in zip(templates, names, strict=True):
             mine = dict(zip(keys, params[offset : offset + len(keys)], strict=True))
@@ -177,9 +198,9 @@ def _functions(topologies: Sequence[Topology], rule: _Rule) -> dict[str, Callabl
             if correct is None:
                 correct = (logits.argmax(1) == y).sum()
         stacked = torch.stack(losses)
-        return stacked.sum(), (stacked.detach(), correct)
+        return stacked.sum(), step_totals(stacked.detach(), correct, len(y))
 
-    def grads(params: list[Tensor], x: Tensor, y: Tensor) -> tuple[list[Tensor], StepResult]:
+    def grads(params: list[Tensor], x: Tensor, y: Tensor) -> tuple[list[Tensor], Tensor]:
         return grad(loss, has_aux=True)(params, x, y)
 
     def update(params: list[Tensor], g: list[Tensor], state: list[Tensor], lr: Tensor) -> None:
@@ -187,20 +208,22 @@ def _functions(topologies: Sequence[Topology], rule: _Rule) -> dict[str, Callabl
 
     def whole(
         params: list[Tensor], state: list[Tensor], lr: Tensor, x: Tensor, y: Tensor
-    ) -> StepResult:
-        g, result = grads(params, x, y)
+    ) -> Tensor:
+        g, totals = grads(params, x, y)
         rule.update(params, g, state, lr)
-        return result
+        return totals
 
     return {"grads": grads, "update": update, "whole": whole}
 
 
 class CompiledStep:
     """One training step of ``nets`` (each on its own cross-entropy loss, summed) on a batch,
-    by compiled graphs from a :class:`StepCompiler`. Call it with ``(x, y)``; it returns
-    None instead when it cannot take this step (the optimiser has no state yet for some
-    parameter, which its first eager step creates, or the batch has a size other than the
-    first one's: a partial last batch), and the caller then takes the step eagerly."""
+    by compiled graphs from a :class:`StepCompiler`. Call it with ``(x, y)``; it returns the
+    step's :func:`step_totals`, or None when it cannot take this step (the optimiser has no
+    state yet for some parameter, which its first eager step creates, or the batch has a
+    size other than the first one's: a partial last batch), and the caller then takes the
+    step eagerly. The optimiser's state tensors are looked up once, and again after its
+    ``load_state_dict`` (which replaces them); its steps update them in place."""
 
     def __init__(
         self,
@@ -218,6 +241,8 @@ class CompiledStep:
         self._lr_value = float(self._group["lr"])
         self._lr = torch.tensor(self._lr_value, dtype=params[0].dtype, device=params[0].device)
         self._batch_size: int | None = None
+        self._state_tensors: list[Tensor] | None = None
+        self._state_of: dict[Any, Any] | None = None  # the optimiser's state they were for
         self.ran = False
         """Whether a graph has run: the first run compiles (unless the graphs were cached)."""
         if cuda_graphs:
@@ -227,6 +252,8 @@ class CompiledStep:
     def _state(self) -> list[Tensor] | None:
         """The optimiser's state tensors in the graph's order, on the parameters' device
         (Adam keeps its step counts on the CPU); None while some are missing."""
+        if self.optimizer.state is self._state_of:
+            return self._state_tensors
         tensors = []
         for p in self._params:
             entry = self.optimizer.state.get(p, {})  # SGD without momentum keeps none
@@ -237,9 +264,10 @@ class CompiledStep:
                 if value.device != p.device:
                     value = entry[key] = value.to(p.device)
                 tensors.append(value)
+        self._state_tensors, self._state_of = tensors, self.optimizer.state
         return tensors
 
-    def __call__(self, x: Tensor, y: Tensor) -> StepResult | None:
+    def __call__(self, x: Tensor, y: Tensor) -> Tensor | None:
         if self._batch_size is None:
             self._batch_size = len(y)
         state = self._state()
@@ -253,13 +281,13 @@ class CompiledStep:
             torch.compiler.cudagraph_mark_step_begin()
         with torch.no_grad():  # the graph writes to the leaf parameters
             if self._hook is None:
-                result = self._graphs["whole"](self._params, state, self._lr, x, y)
+                totals = self._graphs["whole"](self._params, state, self._lr, x, y)
             else:
-                g, result = self._graphs["grads"](self._params, x, y)
+                g, totals = self._graphs["grads"](self._params, x, y)
                 self._hook(g)
                 self._graphs["update"](self._params, g, state, self._lr)
         self.ran = True
-        return result
+        return totals
 
 
 class StepCompiler:
@@ -302,10 +330,18 @@ class StepCompiler:
             raise ValueError("the optimiser must hold exactly the networks' parameters, in order")
         cuda_graphs = params[0].device.type == "cuda" and self.backend == "inductor"
         if key not in self._cache:
-            mode = "reduce-overhead" if cuda_graphs else None
+            # torch.compile takes a mode or options: reduce-overhead's options, then
+            options = {
+                **(torch._inductor.list_mode_options("reduce-overhead") if cuda_graphs else {}),
+                "guard_filter_fn": _input_guards,
+            }
             self._cache[key] = {
                 name: torch.compile(
-                    _own_code(fn), fullgraph=True, dynamic=False, backend=self.backend, mode=mode
+                    _own_code(fn),
+                    fullgraph=True,
+                    dynamic=False,
+                    backend=self.backend,
+                    options=options,
                 )
                 for name, fn in _functions(key[0], key[1]).items()
             }

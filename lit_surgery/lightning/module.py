@@ -26,7 +26,7 @@ from lightning.pytorch.utilities import rank_zero_info
 from torch import Tensor, nn
 from torchmetrics.classification import MulticlassAccuracy
 
-from lit_surgery.core.compiled import CompiledStep, StepCompiler, unsupported
+from lit_surgery.core.compiled import CompiledStep, StepCompiler, step_totals, unsupported
 from lit_surgery.core.network import SurgeryNet, build
 from lit_surgery.core.optim_state import join_state, split_state
 from lit_surgery.core.policy import Plan, Surgeon
@@ -123,9 +123,12 @@ class SurgeryModule(pl.LightningModule):
         self.population = nn.ModuleList()
         self.epoch_log: list[dict[str, Any]] = []
         self.events: list[dict[str, Any]] = []
-        self._train_stats: Tensor | None = None  # loss sum, correct (leading branch)
-        self._train_count = 0
-        self._loss_sums: Tensor | None = None  # per branch, this cycle: finite iff all were
+        self._totals: Tensor | None = None
+        """The steps' :func:`~lit_surgery.core.compiled.step_totals`, summed on the device and
+        logged once per epoch (a per-step ``self.log`` costs more than a whole step of a small
+        network): per branch its losses in this cycle (finite iff all were), then the leading
+        branch's loss times samples and its right answers in this epoch."""
+        self._train_count = 0  # samples this epoch
         self.val_acc = self.test_acc = None
         if input_size is not None and num_classes is not None:
             self._build_root()
@@ -193,18 +196,18 @@ class SurgeryModule(pl.LightningModule):
         # The step counter is Lightning's own, so global_step, logging and checkpoints agree.
         progress = manual_step_progress(self.trainer)
         size = self.trainer.datamodule.batch_size
+        optimizer = self.trainer.optimizers[0]
+        compiled = self._compiled_step(optimizer)
         for xb, yb in zip(x.split(size), y.split(size), strict=True):
-            self._micro_step(xb, yb)
+            if compiled is None or not self._compiled_micro_step(compiled, xb, yb):
+                self._micro_step(optimizer, xb, yb)
             progress.increment_ready()
             progress.increment_completed()
             self._step_schedulers("step")
         return None
 
-    def _micro_step(self, x: Tensor, y: Tensor) -> None:
-        """One optimiser step of manual optimisation on one mini-batch, on every rank."""
-        optimizer = self.trainer.optimizers[0]
-        if self._compiled_micro_step(optimizer, x, y):
-            return
+    def _micro_step(self, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> None:
+        """One eager optimiser step of manual optimisation on one mini-batch, on every rank."""
         loss = self._loss(x, y)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -230,22 +233,16 @@ class SurgeryModule(pl.LightningModule):
         logits = [net(x) for net in self.population]
         losses = torch.stack([F.cross_entropy(out, y) for out in logits])
         with torch.no_grad():
-            self._record(losses, (logits[0].argmax(1) == y).sum(), len(y))
+            correct = (logits[0].argmax(1) == y).sum()
+            self._record(step_totals(losses.detach(), correct, len(y)), len(y))
         return losses.sum()
 
-    def _record(self, losses: Tensor, correct: Tensor, count: int) -> None:
-        """Count a step's per-branch losses and the leading branch's right answers. Summed
-        on the device and logged once per epoch: a per-step ``self.log`` costs more than a
-        whole step of a small network."""
-        if self._train_stats is None:
-            self._train_stats = torch.zeros(2, device=losses.device)
-            self._train_count = 0
-        self._train_stats[0].add_(losses[0], alpha=count)
-        self._train_stats[1].add_(correct)
+    def _record(self, totals: Tensor, count: int) -> None:
+        """Add a step's :func:`~lit_surgery.core.compiled.step_totals` (``count`` samples)."""
+        if self._totals is None:
+            self._totals = torch.zeros_like(totals)
+        self._totals.add_(totals)
         self._train_count += count
-        if self._loss_sums is None:
-            self._loss_sums = torch.zeros_like(losses)
-        self._loss_sums.add_(losses)  # to tell diverged branches
 
     # ------------------------------------------------------------------ compiled step
 
@@ -303,17 +300,14 @@ class SurgeryModule(pl.LightningModule):
             self._compiled = self.step_compiler.bind(nets, optimizer, grad_hook=hook)
         return self._compiled
 
-    def _compiled_micro_step(self, optimizer: torch.optim.Optimizer, x: Tensor, y: Tensor) -> bool:
+    def _compiled_micro_step(self, step: CompiledStep, x: Tensor, y: Tensor) -> bool:
         """One training step by the compiled graph; False if the caller must take it
-        eagerly (no compiled step, or one that cannot take this batch)."""
-        step = self._compiled_step(optimizer)
-        if step is None:
-            return False
+        eagerly (a batch that the compiled step cannot take)."""
         with nullcontext() if step.ran else self.profile("compile"):
-            result = step(x, y)
-        if result is None:
+            totals = step(x, y)
+        if totals is None:
             return False
-        self._record(*result, len(y))
+        self._record(totals, len(y))
         return True
 
     def _step_schedulers(self, interval: str) -> None:
@@ -329,9 +323,10 @@ class SurgeryModule(pl.LightningModule):
                 config.scheduler.step()
 
     def on_train_epoch_start(self) -> None:
-        self._train_stats = None
-        if self._loss_sums is not None:  # from a checkpoint: on the CPU
-            self._loss_sums = self._loss_sums.to(self.device)
+        self._train_count = 0
+        if self._totals is not None:  # the cycle's sums go on (from a checkpoint: on the CPU)
+            self._totals = self._totals.to(self.device)
+            self._totals[-2:] = 0
 
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
@@ -354,10 +349,9 @@ class SurgeryModule(pl.LightningModule):
     def on_train_epoch_end(self) -> None:
         if not self.automatic_optimization:
             self._step_schedulers("epoch")
-        if self._train_stats is not None:
-            totals = torch.cat(
-                [self._train_stats, self._train_stats.new_tensor([self._train_count])]
-            )
+        if self._train_count:
+            epoch = self._totals[-2:]
+            totals = torch.cat([epoch, epoch.new_tensor([self._train_count])])
             loss_sum, correct, count = self.trainer.strategy.reduce(totals, reduce_op="sum")
             self.log("train/loss", loss_sum / count, prog_bar=True)
             self.log("train/acc", correct / count)
@@ -428,7 +422,7 @@ class SurgeryModule(pl.LightningModule):
                     for b, finite in zip(self.branches, finite_loss, strict=True)
                 ]
             self._event(epoch, self.surgeon.step(metrics))
-        self._loss_sums = None  # a new cycle
+        self._totals = None  # a new cycle
         payload = self.surgery_state()
         if self.trainer.world_size > 1:
             payload = self.trainer.strategy.broadcast(payload, src=0)
@@ -438,9 +432,9 @@ class SurgeryModule(pl.LightningModule):
     def _finite_losses(self) -> list[bool]:
         """Per branch: were all of this cycle's training losses finite, on every rank? (A
         collective: every rank calls it.)"""
-        if self._loss_sums is None:  # no step in this cycle
+        if self._totals is None:  # no step in this cycle
             return [True] * len(self.branches)
-        sums = self.trainer.strategy.reduce(self._loss_sums, reduce_op="sum")
+        sums = self.trainer.strategy.reduce(self._totals[:-2], reduce_op="sum")
         return torch.isfinite(sums).tolist()
 
     def _event(self, epoch: int, plan: Plan) -> None:
@@ -478,7 +472,7 @@ class SurgeryModule(pl.LightningModule):
                 **self.surgeon.state_dict(),
                 "epoch_log": self.epoch_log,
                 "events": self.events,
-                "loss_sums": self._loss_sums,
+                "loss_sums": None if self._totals is None else self._totals[:-2],
                 "input_size": self.input_size,
                 "num_classes": self.num_classes,
             }
@@ -494,7 +488,8 @@ class SurgeryModule(pl.LightningModule):
         self.surgeon.load_state_dict(state)
         self.epoch_log = list(state["epoch_log"])
         self.events = list(state["events"])
-        self._loss_sums = state.get("loss_sums")
+        sums = state.get("loss_sums")
+        self._totals = None if sums is None else torch.cat([sums, sums.new_zeros(2)])
         self.input_size, self.num_classes = state["input_size"], state["num_classes"]
         self._install()
 
