@@ -36,7 +36,8 @@ class Candidate:
     activation: str | None = None
     """For ``AL``: the activation of the identity layer."""
     compression: float = 0.0
-    """Inputs per unit of the layer (fan-in / width): how much it has to compress."""
+    """Inputs per unit of the layer (matrix columns / width; a conv's are ``in * kh * kw``):
+    how much it has to compress."""
 
     @property
     def options(self) -> dict[str, Any]:
@@ -59,12 +60,15 @@ def singular_values(
     """Singular values (descending) for hidden layer ``layer``: ``min(n_in, n_out)`` of the
     matrix, with ``pad`` followed by zeros up to the layer's width.
 
-    A layer wider than the matrix's rank has that many exactly removable directions, so the
-    padding counts them; the reference does not pad (``criterion: paper``).
+    The matrix has one row per unit, a conv layer's channels included
+    (:meth:`SurgeryNet.incoming_matrix`, :meth:`SurgeryNet.outgoing_matrix`), so conv
+    blocks and dense layers are read alike. A layer wider than the matrix's rank has that
+    many exactly removable directions, so the padding counts them; the reference does not
+    pad (``criterion: paper``).
     """
     if source not in get_args(SvSource):
         raise ValueError(f"sv_source must be one of {get_args(SvSource)}, got {source!r}")
-    matrix = net.linear(layer if source == "incoming" else layer + 1).weight.detach()
+    matrix = net.incoming_matrix(layer) if source == "incoming" else net.outgoing_matrix(layer)
     s = torch.linalg.svdvals(matrix)
     if not pad:
         return s
@@ -110,7 +114,7 @@ def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
         d = depth_factor(i, topo.depth)
         p_add, p_remove = 1.0 - r / n, r / n
         k = max(2, int(n * s.add_fraction))
-        squeeze = topo.fan_in(i) / n
+        squeeze = topo.matrix_shape(i)[1] / n
         raw += [
             Candidate("AN", i, k, p_add, compression=squeeze),
             Candidate("AN", i, k * s.add_multiplier, p_add, compression=squeeze),
@@ -140,20 +144,24 @@ def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
 
 def paper_ratio(topology: Topology, candidate: Candidate) -> float:
     """``q`` as the reference estimates it (NAS.py, ``__create_potential_modification_
-    candidates``), for hidden layer ``i`` with fan-in ``m``, width ``n`` and bias ``b`` (0/1):
-    exact for AL (``+ n (n + 1)``) and T (``- m n + (n - r)(m + n)``); AN adds ``(m + 1) k``
-    (not the new units' outgoing weights, and a bias even without one), OL removes
-    ``(m + b) r`` (not the outgoing weights), RL removes ``m n + b n`` (not what the merged
-    matrix adds back: on a 784-input network, removing the first layer looks like removing
-    almost all of it)."""
+    candidates``), for hidden layer ``i`` with ``m`` inputs per unit (a conv's ``in * kh *
+    kw``: :meth:`Topology.matrix_shape`), width ``n`` and bias ``b`` (0/1): exact for AL
+    (``+ n (n + 1)`` for a dense layer; here counted on the new topology, which also fits
+    a conv identity block) and T (``- m n + (n - r)(m + n)``); AN adds ``(m + 1) k`` (not
+    the new units' outgoing weights, and a bias even without one), OL removes ``(m + b) r``
+    (not the outgoing weights), RL removes ``m n + b n`` (not what the merged matrix adds
+    back: on a 784-input network, removing the first layer looks like removing almost all
+    of it). Batch-norm parameters are left out, as the reference has none."""
     total = topology.num_params
     if candidate.op == "B":
         return 1.0
+    if candidate.op == "AL":
+        return topology_after(topology, candidate).num_params / total
     i, k = candidate.layer, candidate.amount
-    m, n, b = topology.fan_in(i), topology.hidden[i].width, int(topology.hidden[i].bias)
+    m, n = topology.matrix_shape(i)[1], topology.hidden[i].width
+    b = int(topology.hidden[i].bias)
     change = {
         "AN": (m + 1) * k,
-        "AL": n * (n + 1),
         "RL": -(m * n + b * n),
         "OL": -(m + b) * k,
         "T": (n - k) * (m + n) - m * n,

@@ -55,6 +55,20 @@ class SurgeryNet(nn.Module):
             return None
         return next((m for m in self.hidden[index] if isinstance(m, nn.BatchNorm2d)), None)
 
+    def incoming_matrix(self, index: int) -> Tensor:
+        """Layer ``index``'s weight as the matrix the SVD criteria read, one row per unit
+        (:meth:`Topology.matrix_shape`): a conv kernel as (out, in * kh * kw)."""
+        w = self.linear(index).weight.detach()
+        return w.reshape(w.shape[0], -1)
+
+    def outgoing_matrix(self, index: int) -> Tensor:
+        """The next layer's weights that read hidden layer ``index``'s units, one row per
+        unit: a channel's row holds all its weights in the next conv (``weight[:, c]``), or
+        its ``H * W`` columns of the dense layer after the flatten."""
+        w = self.linear(index + 1).weight.detach()
+        width = self.topology.hidden[index].width
+        return w.transpose(0, 1).reshape(width, -1)
+
     def layer_weights(self) -> list[LayerWeights]:
         """Detached copies of (weight, bias) for every hidden layer and the output layer (a
         conv weight is 4-D: out, in, kh, kw)."""
