@@ -7,9 +7,11 @@ from functools import partial
 import lightning.pytorch as pl
 import pytest
 import torch
+from images import fashion_like  # pytest puts tests/ on sys.path
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 from lit_surgery.core.settings import SurgerySettings
+from lit_surgery.core.topology import ConvLayer
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.loop import SurgeryFitLoop, attach
 from lit_surgery.lightning.module import CheckpointError, SurgeryModule
@@ -65,29 +67,31 @@ def _params(model):
     return [p.detach().clone() for p in model.population.parameters()]
 
 
-def _assert_resume_equals_uninterrupted_run(tmp_path, make, stop):
+def _assert_resume_equals_uninterrupted_run(tmp_path, make, stop, data=SurgeryDataModule):
     """Fit ``make()`` whole, and stopped after ``stop`` epochs then resumed from last.ckpt:
-    the same events, history and weights."""
+    the same events, history and weights (batch-norm statistics included)."""
     pl.seed_everything(0)
     full = make()
-    _trainer(tmp_path / "full").fit(full, SurgeryDataModule("digits"))
+    _trainer(tmp_path / "full").fit(full, data())
 
     pl.seed_everything(0)
     first = make()
     ckpt = ModelCheckpoint(dirpath=tmp_path / "ckpt", save_last=True)
-    _trainer(tmp_path / "a", [ckpt, StopAt(stop)]).fit(first, SurgeryDataModule("digits"))
+    _trainer(tmp_path / "a", [ckpt, StopAt(stop)]).fit(first, data())
     assert first.current_epoch == stop
     resumed = make()
     _trainer(tmp_path / "b", [ModelCheckpoint(dirpath=tmp_path / "ckpt2")]).fit(
-        resumed, SurgeryDataModule("digits"), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
+        resumed, data(), ckpt_path=tmp_path / "ckpt" / "last.ckpt")
 
     assert resumed.topology == full.topology
     assert resumed.events == full.events
     # NaN metrics of diverged branches: compared as JSON text
     assert json.dumps(resumed.surgeon.history.to_dict()) == json.dumps(
         full.surgeon.history.to_dict())
-    for a, b in zip(_params(resumed), _params(full), strict=True):
-        assert torch.equal(a, b)
+    state, expected = resumed.population.state_dict(), full.population.state_dict()
+    assert list(state) == list(expected)
+    for key, value in state.items():
+        assert torch.equal(value, expected[key]), key
 
 
 @pytest.mark.parametrize("stop", [6, 7])  # on a generation boundary, and mid-cycle
@@ -105,6 +109,31 @@ def test_checkpoint_after_surgery_loads_weights_only_and_from_checkpoint(tmp_pat
     assert loaded.topology == model.topology
     x = torch.randn(5, 64)
     assert torch.equal(loaded(x), model.cpu()(x))
+
+
+def _cnn_model():
+    settings = SurgerySettings(max_epochs=5, initial_epochs=1, epoch_step=2)
+    conv = [ConvLayer(4, batch_norm=True, pool=2), ConvLayer(6, pool=2)]
+    return SurgeryModule(hidden=[8], conv=conv, surgery=settings,
+                         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+
+
+def test_cnn_checkpoint_round_trip_and_resume(tmp_path):
+    """A CNN with batch norm: the checkpoint (topology format 2, running statistics) loads
+    weights-only into the same function, and a run resumed mid-cycle after surgery equals
+    the uninterrupted one, statistics included."""
+    path = fashion_like(tmp_path / "d.npz", n_train=256, n_val=64)
+    data = partial(SurgeryDataModule, "npz", npz_path=str(path))
+    _assert_resume_equals_uninterrupted_run(tmp_path, _cnn_model, 2, data)
+    raw = torch.load(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    topology = raw["surgery"]["population"][0]["topology"]
+    assert topology["version"] == 2 and topology["hidden"][0]["kind"] == "conv"
+    assert any(k.endswith("running_var") for k in raw["state_dict"])
+    loaded = SurgeryModule.load_from_checkpoint(tmp_path / "ckpt" / "last.ckpt", weights_only=True)
+    assert loaded.conv == _cnn_model().conv
+    assert loaded.topology.to_dict() == topology
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, raw["state_dict"][key]), key
 
 
 def test_checkpoint_not_ours_or_wrong_version_is_a_clear_error(tmp_path):

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from contextlib import AbstractContextManager, nullcontext
+from dataclasses import asdict
 from typing import Any, Literal
 
 import lightning.pytorch as pl
@@ -32,7 +33,7 @@ from lit_surgery.core.optim_state import join_state, split_state
 from lit_surgery.core.policy import Plan, Surgeon
 from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.core.state import Branch
-from lit_surgery.core.topology import Topology
+from lit_surgery.core.topology import ConvLayer, Topology
 from lit_surgery.core.training import evaluate, train_branch
 from lit_surgery.data import random_batches
 from lit_surgery.errors import UserError
@@ -63,12 +64,17 @@ def _cpu(value: Any) -> Any:
     return value
 
 
+def _conv_layer(layer: ConvLayer | dict[str, Any]) -> ConvLayer:
+    return layer if isinstance(layer, ConvLayer) else ConvLayer(**layer)
+
+
 class SurgeryModule(pl.LightningModule):
-    """Trains a fully connected classifier and operates on its topology during ``fit``.
+    """Trains a classifier (fully connected, or conv blocks then dense layers) and operates
+    on its topology during ``fit``.
 
     Args:
-        hidden: start widths of the hidden layers.
-        activation: activation of the start layers.
+        hidden: start widths of the hidden (dense) layers.
+        activation: activation of the start dense layers.
         surgery: the policy's settings (schedule, thresholds, choices); its ``max_epochs``
             is the run's length (the CLI links it to ``trainer.max_epochs``).
         optimizer: optimiser factory (LightningCLI ``class_path``); default SGD, lr 0.005
@@ -81,6 +87,13 @@ class SurgeryModule(pl.LightningModule):
             (:mod:`lit_surgery.core.compiled`): ``"auto"`` where it pays (a population
             that trains long enough, see :data:`AUTO_COMPILE_STEPS`; never a screened
             candidate), ``True`` always (an error where it cannot), ``False`` never.
+            Networks with batch norm train eagerly: the compiled step carries parameters,
+            not running statistics.
+        conv: start conv blocks before the dense layers (e.g. ``{width: 8, kernel_size: 3,
+            batch_norm: true, pool: 2}`` in YAML), on the datamodule's image shape
+            (channels, height, width); None: a fully connected network. Under DDP each rank
+            keeps batch-norm statistics of its own batches, averaged across ranks before
+            every validation and surgery.
     """
 
     def __init__(
@@ -94,6 +107,7 @@ class SurgeryModule(pl.LightningModule):
         num_classes: int | None = None,
         seed: int = 0,
         compile: bool | Literal["auto"] = "auto",
+        conv: list[ConvLayer] | None = None,
     ) -> None:
         super().__init__()
         if compile not in (True, False, "auto"):
@@ -107,6 +121,9 @@ class SurgeryModule(pl.LightningModule):
         self.activation = activation
         # bad widths or activation fail here, before the trainer writes anything
         Topology.mlp(1, self.start_hidden, 1, activation)
+        # dicts from a checkpoint's hyperparameters, which hold plain data (weights_only)
+        self.conv = None if conv is None else [_conv_layer(c) for c in conv]
+        self.hparams["conv"] = None if self.conv is None else [asdict(c) for c in self.conv]
         self.optimizer_factory = optimizer
         self.scheduler_factory = lr_scheduler
         self.input_size = input_size
@@ -130,14 +147,28 @@ class SurgeryModule(pl.LightningModule):
         branch's loss times samples and its right answers in this epoch."""
         self._train_count = 0  # samples this epoch
         self.val_acc = self.test_acc = None
-        if input_size is not None and num_classes is not None:
+        if conv is None and input_size is not None and num_classes is not None:
             self._build_root()
 
     # ------------------------------------------------------------------ network
 
-    def _build_root(self) -> None:
+    def _build_root(self, input_shape: Sequence[int] = ()) -> None:
+        """The start network: conv blocks on ``input_shape`` (the data's), if any."""
         torch.manual_seed(self.seed)
-        topo = Topology.mlp(self.input_size, self.start_hidden, self.num_classes, self.activation)
+        if self.conv is None:
+            topo = Topology.mlp(
+                self.input_size, self.start_hidden, self.num_classes, self.activation
+            )
+        else:
+            if len(input_shape) != 3:
+                raise UserError(
+                    f"model.conv needs images, (channels, height, width) per sample; the data "
+                    f"has samples of shape {tuple(input_shape)} (use a dataset of images, or "
+                    f"model.conv null for a fully connected network)"
+                )
+            topo = Topology.cnn(
+                input_shape, self.conv, self.start_hidden, self.num_classes, self.activation
+            )
         self.surgeon.start(build(topo))
         self._install()
 
@@ -148,13 +179,13 @@ class SurgeryModule(pl.LightningModule):
                 f"data.steps_per_batch={chunk} does not support a gradient scaler (precision "
                 "16-mixed); use steps_per_batch=1, or precision bf16-mixed or 32"
             )
-        self._compile_allowed = stage == "fit" and self._may_compile()
-        self.automatic_optimization = chunk == 1 and not self._compile_allowed
         if len(self.population) == 0:
             dm = self.trainer.datamodule
             self.input_size = self.input_size or int(torch.tensor(dm.input_shape).prod())
             self.num_classes = self.num_classes or dm.num_classes
-            self._build_root()
+            self._build_root(dm.input_shape)
+        self._compile_allowed = stage == "fit" and self._may_compile()
+        self.automatic_optimization = chunk == 1 and not self._compile_allowed
 
     def _make_metrics(self) -> None:
         """Accuracy metrics once the number of classes is known."""
@@ -255,6 +286,10 @@ class SurgeryModule(pl.LightningModule):
             return "gradient clipping (trainer.gradient_clip_val)"
         if trainer.accumulate_grad_batches != 1:
             return "trainer.accumulate_grad_batches > 1"
+        # surgery never adds a batch norm where the start network has none
+        layers = [layer for net in self.population for layer in net.topology.hidden]
+        if any(isinstance(layer, ConvLayer) and layer.batch_norm for layer in layers):
+            return "batch norm (the compiled step carries parameters, not running statistics)"
         return None
 
     def _may_compile(self) -> bool:
@@ -328,6 +363,37 @@ class SurgeryModule(pl.LightningModule):
             self._totals = self._totals.to(self.device)
             self._totals[-2:] = 0
 
+    def on_fit_start(self) -> None:
+        if any(isinstance(m, nn.SyncBatchNorm) for m in self.population.modules()):
+            raise ValueError(
+                "trainer.sync_batchnorm=true is not supported: surgery screens candidates on "
+                "rank 0 alone, where a SyncBatchNorm would wait for the other ranks; leave it "
+                "false (each rank's batch-norm statistics are averaged before use)"
+            )
+
+    def on_validation_model_eval(self) -> None:
+        self._average_norm_stats()
+        super().on_validation_model_eval()
+
+    def _average_norm_stats(self) -> None:
+        """Under DDP each rank normalises by its own batches and updates its own running
+        statistics, as plain DDP does (SyncBatchNorm needs a GPU, and would wait for the
+        other ranks while rank 0 screens alone). Averaged across ranks before they are used
+        (validation, surgery), they are the same on every rank, and in checkpoints. A
+        collective: every rank calls it."""
+        stats = [
+            t
+            for m in self.population.modules()
+            if isinstance(m, nn.BatchNorm2d)
+            for t in (m.running_mean, m.running_var)
+        ]
+        if self.trainer.world_size == 1 or not stats:
+            return
+        flat = torch.cat([t.reshape(-1) for t in stats])
+        flat = self.trainer.strategy.reduce(flat, reduce_op="mean")
+        for t, mean in zip(stats, flat.split([t.numel() for t in stats]), strict=True):
+            t.copy_(mean.view_as(t))
+
     def validation_step(self, batch: tuple[Tensor, Tensor], batch_idx: int) -> None:
         self._eval_step(batch, "val")
 
@@ -361,6 +427,7 @@ class SurgeryModule(pl.LightningModule):
         self.epoch_log.append(
             {
                 "epoch": self.current_epoch,
+                "topology": topo.describe(),
                 "widths": topo.widths,
                 "num_params": topo.num_params,
                 "branches": len(self.population),
@@ -412,6 +479,7 @@ class SurgeryModule(pl.LightningModule):
         population (the loop then rebuilds DDP and the optimiser)."""
         if epoch != self.surgeon.next_boundary:
             return False
+        self._average_norm_stats()  # also when no validation ran since the last training
         finite_loss = self._finite_losses()
         if self.trainer.is_global_zero:
             self._collect_optimizer_states()
