@@ -5,21 +5,26 @@ the parameters themselves after each epoch before the first surgery. argv[3] is
 data.steps_per_batch (above 1: manual optimisation with its own gradient all-reduce); an
 argv[4] of "compile" trains by the compiled step (``aot_eager``: the graphs traced as with
 inductor, without its code generation, which takes tens of seconds per graph here) and
-records how many graphs had compiled at each check."""
+records how many graphs had compiled at each check; an argv[4] of "cnn" trains a CNN with
+batch norm on Fashion-MNIST-shaped data instead (the hashes then cover the running
+statistics, which each rank updates from its own batches and the module averages)."""
 
 import hashlib
 import json
+import os
 import sys
 from functools import partial
 
 import lightning.pytorch as pl
 import torch
 import torch.distributed as dist
+from images import fashion_like
 from lightning.pytorch.callbacks import Callback
 from torch._dynamo.testing import CompileCounterWithBackend
 
 from lit_surgery.core.compiled import StepCompiler
 from lit_surgery.core.settings import SurgerySettings
+from lit_surgery.core.topology import ConvLayer
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.loop import attach
 from lit_surgery.lightning.module import SurgeryModule
@@ -47,7 +52,8 @@ class HashCheck(Callback):
         opt = _digest(v for k in sorted(state) for v in state[k].values()
                       if isinstance(v, torch.Tensor))
         mine = {"params": params, "optimizer": opt, "topologies":
-                [net.topology.describe() for net in module.population]}
+                [net.topology.describe() for net in module.population],
+                "buffers": _digest(module.population.buffers())}
         if isinstance(module.step_compiler.backend, CompileCounterWithBackend):
             mine["graphs"] = module.step_compiler.backend.frame_count
         gathered = [None] * trainer.world_size
@@ -82,17 +88,32 @@ def make_model(compile: bool = False) -> SurgeryModule:
     return model
 
 
+def make_cnn() -> SurgeryModule:
+    """Two generations of a CNN whose first block has batch norm."""
+    settings = SurgerySettings(max_epochs=5, initial_epochs=1, epoch_step=2)
+    conv = [ConvLayer(4, batch_norm=True, pool=2), ConvLayer(6, pool=2)]
+    return SurgeryModule(hidden=[8], conv=conv, surgery=settings,
+                         optimizer=partial(torch.optim.SGD, lr=0.05, momentum=0.9))
+
+
 def main() -> None:
     torch.set_num_threads(1)
     pl.seed_everything(0)
-    model = make_model(compile=sys.argv[4:] == ["compile"])
+    cnn = sys.argv[4:] == ["cnn"]
+    model = make_cnn() if cnn else make_model(compile=sys.argv[4:] == ["compile"])
     trainer = pl.Trainer(
         strategy="ddp", accelerator="cpu", devices=2, max_epochs=model.settings.max_epochs,
         logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[HashCheck()], default_root_dir=sys.argv[2],
     )
     attach(trainer)
-    data = SurgeryDataModule("digits", steps_per_batch=int(sys.argv[3]), **DATA)
+    if cnn:  # written by rank 0 before DDP starts the other rank
+        path = f"{sys.argv[2]}/cnn.npz"
+        if int(os.environ.get("LOCAL_RANK", "0")) == 0:
+            fashion_like(path, n_train=256, n_val=64)
+        data = SurgeryDataModule("npz", npz_path=path, steps_per_batch=int(sys.argv[3]))
+    else:
+        data = SurgeryDataModule("digits", steps_per_batch=int(sys.argv[3]), **DATA)
     trainer.fit(model, data)
     dist.destroy_process_group()  # a clean exit: gloo's threads must not outlive Python
 

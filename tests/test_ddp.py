@@ -1,6 +1,7 @@
 """Two DDP processes on CPU (gloo): every rank must hold bit-identical networks and
 optimiser state after every surgery and after training on different shards, and train as
-one process does (eagerly) on the same global batches, by eager or compiled steps."""
+one process does (eagerly) on the same global batches, by eager or compiled steps; a CNN
+with batch norm keeps identical networks and running statistics too."""
 
 import json
 import subprocess
@@ -46,19 +47,23 @@ def _one_process(tmp_path, batch_size: int, steps_per_batch: int, epochs: int) -
 
 # steps_per_batch 1: Lightning's automatic optimisation, DDP's reducer averages gradients;
 # 4: manual optimisation, the module averages each micro-step's gradients itself, in eager
-# steps or as the hook between the compiled step's two graphs
-@pytest.mark.parametrize(("steps_per_batch", "compile"), [(1, False), (4, False), (4, True)],
-                         ids=["1-eager", "4-eager", "4-compiled"])
-def test_ddp_ranks_stay_identical_through_surgery(tmp_path, steps_per_batch, compile):
+# steps or as the hook between the compiled step's two graphs; cnn: a CNN with batch norm
+# (eager: the compiled step does not carry running statistics)
+@pytest.mark.parametrize(("steps_per_batch", "mode"),
+                         [(1, "eager"), (4, "eager"), (4, "compile"), (4, "cnn")],
+                         ids=["1-eager", "4-eager", "4-compiled", "4-cnn"])
+def test_ddp_ranks_stay_identical_through_surgery(tmp_path, steps_per_batch, mode):
     out = tmp_path / "hashes.json"
     script = Path(__file__).with_name("ddp_check.py")
     command = [sys.executable, str(script), str(out), str(tmp_path), str(steps_per_batch)]
-    subprocess.run(command + ["compile"] * compile, check=True, cwd=tmp_path, timeout=600)
+    extra = [] if mode == "eager" else [mode]
+    subprocess.run(command + extra, check=True, cwd=tmp_path, timeout=600)
     data = json.loads(out.read_text())
     records = data["records"]
+    compile = mode == "compile"
     assert data["automatic_optimization"] == (steps_per_batch == 1 and not compile)
     assert [e["kind"] for e in data["events"]][-1] == "end"
-    generations = 1 if compile else 3
+    generations = {"eager": 3, "compile": 1, "cnn": 2}[mode]
     assert len(data["events"]) == generations + 1  # and the end
     changed = {tuple(r["ranks"][0]["topologies"]) for r in records}
     assert len(changed) > 1, "surgery never changed the population"
@@ -72,6 +77,9 @@ def test_ddp_ranks_stay_identical_through_surgery(tmp_path, steps_per_batch, com
         trained = {tuple(r["ranks"][0]["topologies"]) for r in records
                    if r["label"].startswith("epoch end")}
         assert records[-1]["ranks"][0]["graphs"] == 2 * len(trained)
+    if mode == "cnn":  # trained: running statistics (identical, above) moved off their start
+        assert len({r["ranks"][0]["buffers"] for r in records}) > 1
+        return  # batch norm on a rank's own batches differs from one process on both
     # before the first surgery: two ranks on batches of 32 train as one eager process on 64
     ddp = [torch.tensor(r["params"]) for r in records if "params" in r]
     single = _one_process(tmp_path / "single", 64, steps_per_batch, len(ddp))
