@@ -159,3 +159,24 @@ def test_fashion_cnn_config_fits_end_to_end(tmp_path, capsys, monkeypatch):
           "--trainer.enable_progress_bar=false", "--trainer.logger=false"])
     out = capsys.readouterr().out
     assert "final topology: 1x28x28-[c" in out and "test accuracy: " in out
+
+
+def test_optuna_sweep_over_a_cnn_config(tmp_path):
+    """Two trials of the CNN config on Fashion-MNIST-shaped data, the conv blocks among the
+    searched parameters."""
+    from test_tuning import SHORT, states, tune, write_sweep
+
+    path = fashion_like(tmp_path / "d.npz", n_train=128, n_val=32)
+    conv = [[{"width": 4, "pool": 2}], [{"width": 6, "batch_norm": True, "pool": 4}]]
+    sweep = write_sweep(
+        tmp_path / "cnn.yaml",
+        base=str(ROOT / "configs" / "fashion_mnist_cnn.yaml"),
+        overrides={**SHORT, "data.dataset": "npz", "data.npz_path": str(path)},
+        params={"model.conv": {"type": "categorical", "choices": conv}},
+        n_trials=2,
+        sampler={"name": "GridSampler"},
+    )
+    study = tune(str(sweep), "--storage", "memory", "--out-dir", str(tmp_path))
+    assert states(study) == ["COMPLETE"] * 2
+    topologies = sorted(t.user_attrs["topology"] for t in study.trials)
+    assert topologies[0].startswith("1x28x28-[c4k3+mp2") and "+bn+mp4" in topologies[1]
