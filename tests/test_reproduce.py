@@ -19,6 +19,7 @@ TINY = Grid(
     lrs=(0.02, 0.1),
     front=((8,),),
     shrink_starts=((6,),),
+    grow_starts=((6,),),
 )
 
 

@@ -99,7 +99,7 @@ def layer_is_finite(net: SurgeryNet, layer: int) -> bool:
 def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
     """All candidates for ``net`` (``B`` not included), each with weight and parameter ratio,
     under ``settings``' thresholds, AN amounts, AL activation, type weights, size budget
-    (``max_params``) and ``criterion``."""
+    (``max_params``), ``widen_only`` and ``criterion``."""
     s = settings
     paper = s.criterion == "paper"
     topo = net.topology
@@ -113,7 +113,7 @@ def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
         r = removable(sv, s.sv_threshold_abs, s.sv_threshold_rel)
         d = depth_factor(i, topo.depth)
         p_add, p_remove = 1.0 - r / n, r / n
-        k = max(2, int(n * s.add_fraction))
+        k = max(s.add_min, int(n * s.add_fraction))
         squeeze = topo.matrix_shape(i)[1] / n
         raw += [
             Candidate("AN", i, k, p_add, compression=squeeze),
@@ -127,6 +127,8 @@ def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
             raw += [Candidate("OL", i, amount, p_remove), Candidate("T", i, amount, p_remove)]
     result = []
     for c in raw:
+        if s.widen_only and c.op != "AN":
+            continue
         try:
             after = topology_after(topo, c).num_params
         except OperatorError:

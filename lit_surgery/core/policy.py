@@ -197,8 +197,10 @@ class Surgeon:
         diverged, unchanged copies of the parents are trained instead."""
         pool: list[tuple[Branch, Candidate]] = []
         for parent in branches:
-            pool.append((parent, Candidate("B")))
-            pool += [(parent, c) for c in self.propose(parent.net)]
+            proposed = self.propose(parent.net)
+            if not (self.settings.widen_only and proposed):
+                pool.append((parent, Candidate("B")))
+            pool += [(parent, c) for c in proposed]
         gen = Generation(
             number=number,
             epochs=self.settings.cycle_epochs(number),

@@ -98,8 +98,9 @@ class SurgerySettings:
         include_random: also screen one candidate drawn uniformly from the unselected.
         sv_threshold_abs: singular values below this count as removable units.
         sv_threshold_rel: ... or below this times the largest singular value.
-        add_fraction: AN adds ``max(2, width * add_fraction)`` units ...
+        add_fraction: AN adds ``max(add_min, width * add_fraction)`` units ...
         add_multiplier: ... and, as a second candidate, this many times that.
+        add_min: the fewest units AN adds (so a narrow layer can grow by more than a few).
         screen_batches: re-training batches per operator type before screening.
         type_weights: multipliers of each operator type's ranking weight.
         sv_source: singular values of the matrix entering the layer (``incoming``, the one
@@ -127,6 +128,9 @@ class SurgerySettings:
             score of its last cycle: ``v_parent`` is its metric before the cycle.
         random_walk: the ablation baseline: one random candidate per generation, no
             screening.
+        widen_only: only AN is proposed, and an unchanged copy (``B``) competes only where no
+            AN is (the budget allows none): every generation widens the network. For a start
+            too small to learn, where screening prefers the cheap AL or no change (``grow()``).
         max_params: a size budget: no candidate with more parameters is proposed (except
             shrinking ones, so a start above the budget can come down to it); ``None``: no
             limit.
@@ -142,6 +146,7 @@ class SurgerySettings:
     sv_threshold_rel: float = _number(5e-3, 0, 1)
     add_fraction: float = _number(0.1, 0, 10, open_low=True)
     add_multiplier: int = _number(10, 1)
+    add_min: int = _number(2, 1)
     screen_batches: dict[str, int] = field(
         default_factory=SCREEN_BATCHES.copy, metadata={"bounds": Bounds(0), "keys": OPERATOR_CODES}
     )
@@ -158,6 +163,7 @@ class SurgerySettings:
     explore: bool = True
     select_by: SelectBy = "accuracy"
     random_walk: bool = False
+    widen_only: bool = False
     max_params: int | None = _number(None, 1)
 
     def __post_init__(self) -> None:
@@ -190,6 +196,25 @@ class SurgerySettings:
         worth 0.014 accuracy in the score, and the winner is picked by that score. Give
         ``max_params`` the start's size so that no branch grows past it (docs/RESULTS.md)."""
         choices = dict(sv_threshold_rel=0.4, size_penalty=0.02, select_by="score")
+        return cls(**{**choices, **overrides})
+
+    @classmethod
+    def grow(cls, **overrides: Any) -> SurgerySettings:
+        """For a start that is too small: every generation widens one layer (``widen_only``) by
+        at least 128 units (the defaults add 2 to a layer of 4): the layer with the most inputs
+        per unit, as no unit counts as removable (thresholds 0) and no random candidate
+        competes; one branch and no retries, so a run trains the schedule's epochs once
+        (docs/METHOD.md, "Growing a start that is too small"). ``max_params`` stops growth."""
+        choices = dict(
+            parallel_branches=1,
+            max_retries=0,
+            include_random=False,
+            sv_threshold_abs=0.0,
+            sv_threshold_rel=0.0,
+            add_min=128,
+            add_multiplier=2,
+            widen_only=True,
+        )
         return cls(**{**choices, **overrides})
 
     def replace(self, **changes: Any) -> SurgerySettings:

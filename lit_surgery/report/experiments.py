@@ -13,6 +13,8 @@ Methods:
   defaults, and the random-walk ablation;
 - ``shrink``: surgery with :meth:`SurgerySettings.shrink`, the start's size as
   ``max_params`` (oversized starts only, :attr:`Grid.shrink_starts`);
+- ``grow``: surgery with :meth:`SurgerySettings.grow` (small starts only,
+  :attr:`Grid.grow_starts`);
 - ``scratch``: the topology that ``default`` surgery ended with (same seed), trained from a
   fresh initialisation for the same epochs: does the path matter, or only the topology?
 - ``search``: Optuna (TPE, median pruning per epoch) over plain MLPs (1 or 2 layers, widths
@@ -51,7 +53,7 @@ from lit_surgery.core.training import evaluate
 from lit_surgery.data import TensorSplits, load_arrays, make_splits
 from lit_surgery.plain import PlainTrainer
 
-SURGERY = ("paper", "default", "random_walk", "shrink")
+SURGERY = ("paper", "default", "random_walk", "shrink", "grow")
 METHODS = ("plain", *SURGERY, "scratch", "search", "front")
 FRONT = ((16,), (64,), (256,), (16, 16), (64, 64), (256, 256))
 
@@ -79,6 +81,7 @@ class Grid:
     lrs: tuple[float, ...] = (0.01, 0.03, 0.1)
     front: tuple[tuple[int, ...], ...] = FRONT
     shrink_starts: tuple[tuple[int, ...], ...] = ((256, 256),)
+    grow_starts: tuple[tuple[int, ...], ...] = ((4, 4, 4), (10, 10, 10))
     batch_size: int = 32
     device: str = "cpu"
 
@@ -96,6 +99,8 @@ class Grid:
             return SurgerySettings.paper(**s)
         if method == "shrink":
             return SurgerySettings.shrink(**s, max_params=start_params)
+        if method == "grow":
+            return SurgerySettings.grow(**s)
         return SurgerySettings(**s, random_walk=method == "random_walk")
 
 
@@ -362,7 +367,8 @@ def planned(grid: Grid, results: Results) -> list[Cell]:
             for start in grid.starts:
                 base = Cell(dataset, start, schedule, "plain", 0, None, hidden=start)
                 for method in (m for m in grid.methods if m not in ("scratch", "search", "front")):
-                    if method != "shrink" or start in grid.shrink_starts:
+                    only = {"shrink": grid.shrink_starts, "grow": grid.grow_starts}
+                    if start in only.get(method, (start,)):
                         out += _with_lrs(grid, results, replace(base, method=method))
                 out += _dependent(grid, results, base)
             if "front" in grid.methods:
