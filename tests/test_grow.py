@@ -46,17 +46,18 @@ class Script:
         return 0.5
 
 
-def test_grow_widens_one_branch_every_generation_without_retries():
+def test_grow_widens_each_narrow_layer_once_with_one_branch_without_retries():
     script = Script()
-    surgeon = Surgeon(SurgerySettings.grow(**SCHEDULE), script.train, script.screen)
+    settings = SurgerySettings.grow(**{**SCHEDULE, "max_epochs": 25})
+    surgeon = Surgeon(settings, script.train, script.screen)
     best = surgeon.run(_net())
-    # each time the layer with the most inputs per unit (20/4, then 132/4 twice); no B, no
-    # retry although every cycle loses accuracy
+    # the layer with the most inputs per unit (20/4, then 132/4 twice), then none is
+    # narrower than 128: B. No retry although every cycle loses accuracy.
     changes = [change for change, _ in script.trained[1:]]
-    assert changes == ["AN@0 x128", "AN@1 x128", "AN@2 x128"]
-    assert surgeon.history.epochs_trained == 20  # the schedule's epochs, one branch
+    assert changes == ["AN@0 x128", "AN@1 x128", "AN@2 x128", "B"]
+    assert surgeon.history.epochs_trained == 25  # the schedule's epochs, one branch
     assert best.net.topology.widths == [132, 132, 132]
-    assert "B" not in {r.op for r in surgeon.history.candidates}
+    assert {r.op for r in surgeon.history.candidates if r.generation < 4} == {"AN"}
 
 
 def test_grow_goes_on_unchanged_where_the_budget_allows_no_widening():

@@ -127,8 +127,8 @@ def propose(net: SurgeryNet, settings: SurgerySettings) -> list[Candidate]:
             raw += [Candidate("OL", i, amount, p_remove), Candidate("T", i, amount, p_remove)]
     result = []
     for c in raw:
-        if s.widen_only and c.op != "AN":
-            continue
+        if s.widen_only and (c.op != "AN" or topo.hidden[c.layer].width >= s.add_min):
+            continue  # only narrow layers widen
         try:
             after = topology_after(topo, c).num_params
         except OperatorError:

@@ -128,9 +128,10 @@ class SurgerySettings:
             score of its last cycle: ``v_parent`` is its metric before the cycle.
         random_walk: the ablation baseline: one random candidate per generation, no
             screening.
-        widen_only: only AN is proposed, and an unchanged copy (``B``) competes only where no
-            AN is (the budget allows none): every generation widens the network. For a start
-            too small to learn, where screening prefers the cheap AL or no change (``grow()``).
+        widen_only: only AN is proposed, on layers narrower than ``add_min``, and an unchanged
+            copy (``B``) competes only where no AN is: every generation widens a narrow layer
+            until none is left. For a start too small to learn, where screening prefers the
+            cheap AL or no change (``grow()``).
         max_params: a size budget: no candidate with more parameters is proposed (except
             shrinking ones, so a start above the budget can come down to it); ``None``: no
             limit.
@@ -200,11 +201,11 @@ class SurgerySettings:
 
     @classmethod
     def grow(cls, **overrides: Any) -> SurgerySettings:
-        """For a start that is too small: every generation widens one layer (``widen_only``) by
-        at least 128 units (the defaults add 2 to a layer of 4): the layer with the most inputs
-        per unit, as no unit counts as removable (thresholds 0) and no random candidate
-        competes; one branch and no retries, so a run trains the schedule's epochs once
-        (docs/METHOD.md, "Growing a start that is too small"). ``max_params`` stops growth."""
+        """For a start that is too small: each generation widens one layer narrower than 128
+        units by 128 (the defaults add 2 to a layer of 4), until none is that narrow: the
+        layer with the most inputs per unit first, as no unit counts as removable (thresholds
+        0) and no random candidate competes; one branch and no retries, so a run trains the
+        schedule's epochs once (docs/METHOD.md, "Growing a start that is too small")."""
         choices = dict(
             parallel_branches=1,
             max_retries=0,
