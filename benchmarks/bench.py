@@ -16,6 +16,8 @@
 Prints a table and writes ``bench.json``. Usage:
 
     python benchmarks/bench.py [--device cpu|cuda] [--repeats 3] [--out bench.json]
+
+(``--skip ddp surgery --networks 10,10,10 --batches 32``: the throughput of one case.)
 """
 
 from __future__ import annotations
@@ -140,8 +142,8 @@ def lightning_rate(
 
 def throughput(args: argparse.Namespace, device: torch.device) -> list[dict[str, Any]]:
     rows = []
-    for hidden in ([10, 10, 10], [256, 256]):
-        for batch in (32, 256):
+    for hidden in args.networks:
+        for batch in args.batches:
             dm = _datamodule(args, batch, steps_per_batch=32)
             rates: dict[str, list[float]] = {"hand": [], "eager": [], "compiled": []}
             measures = {
@@ -343,6 +345,14 @@ def main() -> None:
     parser.add_argument("--compile", default="auto", help="model.compile of the surgery run")
     parser.add_argument("--out", type=Path, default=Path("bench.json"))
     parser.add_argument("--skip", nargs="*", default=[], choices=["throughput", "ddp", "surgery"])
+    parser.add_argument(
+        "--networks",
+        nargs="+",
+        type=lambda widths: [int(w) for w in widths.split(",")],
+        default=[[10, 10, 10], [256, 256]],
+        help="hidden widths of the throughput runs' networks, e.g. 10,10,10 256,256",
+    )
+    parser.add_argument("--batches", nargs="+", type=int, default=[32, 256])
     args = parser.parse_args()
     args.compile = {"true": True, "false": False}.get(str(args.compile).lower(), args.compile)
     torch.set_num_threads(1)

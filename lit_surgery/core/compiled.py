@@ -51,15 +51,19 @@ def step_totals(losses: Tensor, correct: Tensor, batch: int) -> Tensor:
     return torch.cat([losses, losses[:1] * batch, correct.reshape(1).to(losses.dtype)])
 
 
+_BATCH = ("x", "y")
+"""Dynamo's names of the step's batch arguments (``guard_filter_fn`` entries' ``name``)."""
+
+
 def _input_guards(entries: Sequence[Any]) -> list[bool]:
     """Which of Dynamo's guards a step checks before each call (``guard_filter_fn``): the
-    inputs' tensor guards and the global state (grad mode, ...). The others, about 670 for a
-    [10,10,10] network, guard what the cache key fixes (the template modules, the update
-    rule's fields, the lists' lengths) and cost a fifth of the step. What torch 2.13's
-    ``torch.compiler.keep_portable_guards_unsafe`` keeps."""
+    global state's (grad mode, ...) and the batch's tensor guards (a batch of another dtype
+    or shape compiles anew). The others, about 690 for a [10,10,10] network, guard what the
+    cache key and :meth:`StepCompiler.bind` fix (the template modules, the update rule, the
+    parameters, the optimiser's state, the lists' lengths), and checking them cost a third
+    of the step."""
     return [
-        e.guard_type in ("GLOBAL_STATE", "SHAPE_ENV")
-        or (e.guard_type == "TENSOR_MATCH" and not e.is_global)
+        e.guard_type == "GLOBAL_STATE" or (e.guard_type == "TENSOR_MATCH" and e.name in _BATCH)
         for e in entries
     ]
 
@@ -330,18 +334,15 @@ class StepCompiler:
             raise ValueError("the optimiser must hold exactly the networks' parameters, in order")
         cuda_graphs = params[0].device.type == "cuda" and self.backend == "inductor"
         if key not in self._cache:
-            # torch.compile takes a mode or options: reduce-overhead's options, then
-            options = {
-                **(torch._inductor.list_mode_options("reduce-overhead") if cuda_graphs else {}),
-                "guard_filter_fn": _input_guards,
-            }
+            # torch.compile takes a mode or options (and pops guard_filter_fn from them)
+            mode = torch._inductor.list_mode_options("reduce-overhead") if cuda_graphs else {}
             self._cache[key] = {
                 name: torch.compile(
                     _own_code(fn),
                     fullgraph=True,
                     dynamic=False,
                     backend=self.backend,
-                    options=options,
+                    options={**mode, "guard_filter_fn": _input_guards},
                 )
                 for name, fn in _functions(key[0], key[1]).items()
             }
