@@ -4,9 +4,9 @@ Each operator's documented bound is checked over many random small networks:
 B, AL, AN, RL (linear layer) and OL (linear, low-rank layer) keep the function up to
 rounding; T's weight change is exactly the Eckart-Young bound. Every operator keeps the
 input network untouched, reports a parameter map consistent with the old and new
-parameters (each carried parameter is its source's slice times the map's factors; where the
-function is kept, a parameter carried whole has its old gradient), and rejects what it
-cannot do with an OperatorError.
+parameters (each carried parameter is its source's slice times the map's factors, except
+new slices, factor 0; where the function is kept, a parameter carried whole has its old
+gradient), and rejects what it cannot do with an OperatorError.
 
 Example counts come from the Hypothesis profile (tests/conftest.py): 50 per property by
 default, 1000 with HYPOTHESIS_PROFILE=ci (200 for the rejections of bad arguments).
@@ -137,9 +137,10 @@ def check_mutation(
             scale = src.scale[d] if d < len(src.scale) else None
             if scale is not None:
                 assert len(scale) == p.shape[d], f"param {i} dim {d}: {len(scale)} factors"
-                assert all(0.0 < f <= 1.0 for f in scale), f"param {i} dim {d}: {scale}"
+                assert all(0.0 <= f <= 1.0 for f in scale), f"param {i} dim {d}: {scale}"
         if carried_exact:
-            assert torch.equal(p.detach(), mapped(o, src)), f"param {i} is not its mapped source"
+            got, want = carried(p.detach(), src), carried(mapped(o, src), src)
+            assert torch.equal(got, want), f"param {i} is not its mapped source"
     # The new network owns its parameters: changing it leaves the old one alone.
     saved = [p.detach().clone() for p in new_params]
     with torch.no_grad():
@@ -163,6 +164,15 @@ def mapped(old: torch.Tensor, src: Source) -> torch.Tensor:
             shape[d] = -1
             out = out * torch.tensor(scale, dtype=out.dtype).view(shape)
     return out
+
+
+def carried(new: torch.Tensor, src: Source) -> torch.Tensor:
+    """The slices of ``new`` that continue old values: factor 0 marks a new slice."""
+    for d, scale in enumerate(src.scale):
+        if scale is not None and 0.0 in scale:
+            kept = [j for j, f in enumerate(scale) if f]
+            new = new[(slice(None),) * d + (kept,)]
+    return new
 
 
 def assert_gradients_follow_map(old: SurgeryNet, mutation: Mutation, seed: int) -> None:

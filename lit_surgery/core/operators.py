@@ -13,7 +13,9 @@ a conv). How much of the function each operator keeps on dense layers:
           positive shares ``a_c`` (sum 1): on the incoming side for positively homogeneous
           activations (``phi(a z) = a phi(z)``), on the outgoing side (Net2Net) otherwise.
           The split units get different gradients, so they drift apart in training.
-          ``split="equal"`` is the reference's split into identical copies.
+          ``split="equal"`` is the reference's split into identical copies;
+          ``split="fresh"`` splits each unit at most once and adds the other units new
+          (default initial incoming weights, zero outgoing weights).
 ``AL``    identical: identity weights and zero bias, linear, or ReLU after a layer whose
           outputs are non-negative (ReLU, sigmoid).
 ``RL``    identical when the removed layer is linear; otherwise its activation is lost.
@@ -86,6 +88,7 @@ from lit_surgery.core.topology import (
 )
 
 OPERATOR_CODES = ("B", "AN", "AL", "RL", "OL", "T")
+SPLITS = ("asymmetric", "equal", "fresh")
 GROW = frozenset({"AN", "AL"})
 SHRINK = frozenset({"RL", "OL", "T"})
 
@@ -107,7 +110,10 @@ class Source:
     ``scale`` (one entry per dimension; ``None`` or missing: all ones) multiplies the slice:
     position ``j`` of dimension ``d`` was multiplied by ``scale[d][j]``. Only ``AN`` has
     factors other than 1 (the shares of split units); optimiser momentum follows them
-    (:func:`add_neurons` says why).
+    (:func:`add_neurons` says why). A factor 0 marks a new slice (``AN``'s fresh units):
+    its value is not the old one's, its first moments start at zero, and it takes the
+    indexed slice's averages of squared gradients (a parameter's state cannot be partly
+    absent).
     """
 
     param: int
@@ -131,8 +137,8 @@ class Mutation:
 class _LayerSource:
     """New layer continues old layer ``old``; rows/cols and their scales as in :class:`Source`
     (cols index a weight's dimension 1: in-channels of a conv, flattened inputs of a dense
-    layer). ``weight``, ``bias`` and ``norm`` (the batch norm's affine pair, rows only,
-    never scaled) say which parameters are carried."""
+    layer). ``weight``, ``bias`` and ``norm`` (the batch norm's affine pair, rows only) say
+    which parameters are carried."""
 
     old: int
     rows: Index | None = None
@@ -193,7 +199,7 @@ def _param_map(old: Topology, new: Topology, sources: Sequence[_LayerSource | No
         elif kind == "bias":
             result.append(Source(old_pos[key], (src.rows,), (src.row_scale,)))
         else:
-            result.append(Source(old_pos[key], (src.rows,)))
+            result.append(Source(old_pos[key], (src.rows,), (src.row_scale,)))
     return tuple(result)
 
 
@@ -272,6 +278,17 @@ def add_neurons(
     (``v_p``: the next layer's columns of ``p``). A conv block with a batch norm is split
     on the outgoing side, its batch-norm rows copied.
 
+    ``split="fresh"`` (asymmetric shares) splits at most ``width`` units, each once, and
+    adds the remaining ``amount - width`` units new: incoming weights and bias drawn from
+    ``generator`` like torch's default initialisation, a new batch norm's rows, and zero
+    outgoing weights, so the function is kept and they learn through their outgoing
+    gradient. Why: each copy's incoming gradient is its parent's whole gradient, so a unit
+    split into ``m`` copies moves about ``m`` times as fast; from a 4-unit layer widened by
+    128 (33 copies) that collapsed training at SGD lr 0.03 (docs/METHOD.md, "Growing a
+    start that is too small"). Here a unit moves at most twice as fast. Their optimiser
+    state: first moments zero, averages of squared gradients and ``step`` those of a unit
+    of the layer (:class:`Source`, factor 0).
+
     Optimiser state (``param_map``): every copy, the first included, continues its parent
     with the parent's momentum and Adam moments, and the first moments (SGD's momentum,
     Adam's ``exp_avg``) are split like the weights: times ``a_c`` on the scaled side, copied
@@ -296,14 +313,16 @@ def add_neurons(
     optimiser (as it was when only the first copy kept the parent's state and the others
     started at 0).
     """
-    if split not in ("asymmetric", "equal"):
-        raise OperatorError(f"AN: split must be 'asymmetric' or 'equal', got {split!r}")
+    if split not in SPLITS:
+        raise OperatorError(f"AN: split must be one of {SPLITS}, got {split!r}")
     topo = net.topology
     new_topo = add_neurons_topology(topo, layer, amount)
     n = topo.hidden[layer].width
-    # Every unit gets amount // n extra copies; amount % n random units one more.
-    extra = torch.full((n,), amount // n, dtype=torch.long)
-    extra[torch.randperm(n, generator=generator)[: amount % n]] += 1
+    fresh = max(0, amount - n) if split == "fresh" else 0
+    split_units = amount - fresh
+    # Every unit gets split_units // n extra copies; split_units % n random units one more.
+    extra = torch.full((n,), split_units // n, dtype=torch.long)
+    extra[torch.randperm(n, generator=generator)[: split_units % n]] += 1
     parent = torch.cat([torch.arange(n), torch.repeat_interleave(torch.arange(n), extra)])
     copies = 1 + extra
     if split == "equal":
@@ -322,23 +341,48 @@ def add_neurons(
     scale_out = torch.ones_like(scale_in) if incoming else share.to(w.dtype)
     scale_in, scale_out = scale_in.to(w.device), scale_out.to(w.device)
     parent_d = parent.to(w.device)
+    new_w, new_b = _fresh_units(w, b, fresh, generator)
     weights[layer] = (
-        w[parent_d] * _along(scale_in, w.dim()),
-        None if b is None else b[parent_d] * scale_in,
+        torch.cat([w[parent_d] * _along(scale_in, w.dim()), new_w]),
+        None if b is None else torch.cat([b[parent_d] * scale_in, new_b]),
     )
     state = norms[layer]
     if state is not None:
-        norms[layer] = {k: v[parent_d] if v.dim() else v for k, v in state.items()}
+        blank = torch.nn.BatchNorm2d(fresh).state_dict()  # a new batch norm's rows
+        rows = {k: torch.cat([v[parent_d], blank[k].to(v)]) for k, v in state.items() if v.dim()}
+        norms[layer] = {**state, **rows}
     view = _columns(w_next, n)[:, parent_d] * scale_out[None, :, None]
-    weights[layer + 1] = (_uncolumns(view, w_next), b_next)
+    silent = view.new_zeros(view.shape[0], fresh, view.shape[2])  # fresh units: no output yet
+    weights[layer + 1] = (_uncolumns(torch.cat([view, silent], dim=1), w_next), b_next)
 
-    carried: Index = tuple(parent.tolist())  # every copy continues its parent unit
+    # Every copy continues its parent unit; a fresh unit is a new slice (factor 0) of unit
+    # j % n, whose averages of squared gradients it takes (optim_state).
+    carried: Index = tuple(parent.tolist()) + tuple(j % n for j in range(fresh))
     shares: Scale = tuple(share.tolist())
-    cols, col_scale = _expand(topo, layer, carried, None if incoming else shares)
+
+    def factors(scaled: bool) -> Scale | None:
+        kept = shares if scaled else (1.0,) * len(shares)
+        return kept + (0.0,) * fresh if fresh else shares if scaled else None
+
+    cols, col_scale = _expand(topo, layer, carried, factors(not incoming))
     sources = _identity_sources(topo.depth + 1)
-    sources[layer] = _LayerSource(layer, rows=carried, row_scale=shares if incoming else None)
+    sources[layer] = _LayerSource(layer, rows=carried, row_scale=factors(incoming))
     sources[layer + 1] = _LayerSource(layer + 1, cols=cols, col_scale=col_scale)
     return _finish(net, _Plan(new_topo, weights, norms, sources))
+
+
+def _fresh_units(
+    w: Tensor, b: Tensor | None, count: int, generator: torch.Generator | None
+) -> tuple[Tensor, Tensor | None]:
+    """Incoming weights and bias of ``count`` new units, drawn like torch's default
+    initialisation of the layer (uniform within ``1/sqrt(fan_in)``) from ``generator``."""
+    bound = w[0].numel() ** -0.5
+
+    def draw(*shape: int) -> Tensor:
+        u = torch.rand(*shape, generator=generator, dtype=torch.float64)
+        return ((2 * u - 1) * bound).to(w)
+
+    return draw(count, *w.shape[1:]), None if b is None else draw(count)
 
 
 # --------------------------------------------------------------------------- AL
