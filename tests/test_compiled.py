@@ -16,10 +16,10 @@ from torch._dynamo.testing import CompileCounterWithBackend
 
 from lit_surgery.core.compiled import StepCompiler, unsupported
 from lit_surgery.core.network import build
-from lit_surgery.core.operators import remove_neurons
+from lit_surgery.core.operators import add_neurons, remove_neurons
 from lit_surgery.core.optim_state import join_state, split_state, transfer_state
 from lit_surgery.core.settings import SurgerySettings
-from lit_surgery.core.topology import Topology
+from lit_surgery.core.topology import ConvLayer, Topology
 from lit_surgery.data import SurgeryDataModule
 from lit_surgery.lightning.loop import attach
 from lit_surgery.lightning.module import SurgeryModule
@@ -103,6 +103,22 @@ def test_compiled_steps_match_eager_before_and_after_surgery(make_optimizer):
     _train_alike(survivors, make_optimizer, compiler, state=carried)
     assert counter.frame_count == 2  # the new population's graph
     assert compiler.cached(survivors, opt)
+
+
+def test_compiled_cnn_steps_match_eager_before_and_after_conv_surgery():
+    """Conv blocks without batch norm take the compiled step too (with batch norm the module
+    trains eagerly): the same losses and weights as eager, also after widening a conv."""
+    torch.manual_seed(0)
+    conv = [ConvLayer(3, pool=2), ConvLayer(4, stride=2)]
+    nets = [build(Topology.cnn((1, 6, 6), conv, [5], 3))]  # 1x6x6 -> 3x3x3 -> 4x2x2 -> 5
+    compiler = StepCompiler(backend="aot_eager")
+    opt = _train_alike(nets, SGD, compiler)
+    size = len(list(nets[0].parameters()))
+    mutation = add_neurons(nets[0], 0, 2, generator=torch.Generator().manual_seed(0))
+    (state,) = split_state(opt.state_dict(), [size])
+    state = transfer_state(state, mutation.param_map, [p.shape for p in nets[0].parameters()])
+    carried = join_state([state], [size], opt.state_dict()["param_groups"][0])
+    _train_alike([mutation.net], SGD, compiler, state=carried)
 
 
 def test_compiled_step_trains_on_a_loaded_optimiser_state():
