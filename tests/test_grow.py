@@ -58,6 +58,9 @@ def test_grow_widens_each_narrow_layer_once_with_one_branch_without_retries():
     assert surgeon.history.epochs_trained == 25  # the schedule's epochs, one branch
     assert best.net.topology.widths == [132, 132, 132]
     assert {r.op for r in surgeon.history.candidates if r.generation < 4} == {"AN"}
+    # split="fresh": 4 units split once each, the other 124 new and silent (docs/METHOD.md)
+    assert not best.net.linear(3).weight[:, 8:].any()
+    assert best.net.linear(3).weight[:, :8].all()
 
 
 def test_grow_goes_on_unchanged_where_the_budget_allows_no_widening():

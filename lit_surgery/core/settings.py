@@ -17,7 +17,7 @@ from lit_surgery.errors import UserError
 SvSource = Literal["incoming", "outgoing"]
 Ranking = Literal["modest", "bottleneck", "paper"]
 AlActivation = Literal["auto", "linear"]
-Split = Literal["asymmetric", "equal"]
+Split = Literal["asymmetric", "equal", "fresh"]
 Score = Literal["paper", "log"]
 SelectBy = Literal["accuracy", "score"]
 Criterion = Literal["exact", "paper"]
@@ -110,8 +110,10 @@ class SurgerySettings:
             smaller change; ``paper`` towards the larger network.
         al_activation: ``auto`` inserts a ReLU identity layer after ReLU/sigmoid layers
             (real depth, still exact), else linear; ``linear`` always (the reference).
-        split: AN's split of units: ``asymmetric`` shares (copies differ) or ``equal``
-            (copies stay identical forever, the reference).
+        split: AN's split of units: ``asymmetric`` shares (copies differ), ``equal``
+            (copies stay identical forever, the reference), or ``fresh`` (each unit split at
+            most once, the other new units with default initial incoming weights and zero
+            outgoing weights: no unit moves many times as fast as before, ``grow()``).
         criterion: ``exact``: singular values padded with zeros to the layer's width (a layer
             wider than its matrix's rank has that many exactly removable directions), ``q``
             the exact parameter ratio, and ``T`` only where it saves parameters; ``paper``
@@ -205,8 +207,9 @@ class SurgerySettings:
         units by 128 (the defaults add 2 to a layer of 4), until none is that narrow: the
         layer with the most inputs per unit first, as no unit counts as removable (thresholds
         0) and no random candidate competes; one branch and no retries, so a run trains the
-        schedule's epochs once. From 4-unit layers (33 copies per unit) it collapsed on 2 of 3
-        seeds: docs/METHOD.md, "Growing a start that is too small"."""
+        schedule's epochs once. ``split="fresh"``: splitting 4 units into 132 (33 copies each)
+        collapsed training on 2 of 3 seeds (docs/METHOD.md, "Growing a start that is too
+        small")."""
         choices = dict(
             parallel_branches=1,
             max_retries=0,
@@ -215,6 +218,7 @@ class SurgerySettings:
             sv_threshold_rel=0.0,
             add_min=128,
             add_multiplier=2,
+            split="fresh",
             widen_only=True,
         )
         return cls(**{**choices, **overrides})
