@@ -395,6 +395,16 @@ def test_remove_channels_of_low_rank_linear_conv(bn, bias, nxt):
         assert torch.equal(state["running_var"], torch.ones(2, dtype=torch.float64))
 
 
+def test_remove_channels_before_a_bias_free_conv():
+    """The bias residual of a linear conv gets a new bias in a next conv that had none."""
+    topo = cnn(ConvLayer(4, "linear"), ConvLayer(3, bias=False, kernel_size=1, padding=0))
+    net = make_net(topo)
+    low_rank(net, 0, 2)
+    m = checked(net, "OL", 0, 2)
+    assert m.net.topology.hidden[1].bias
+    assert_same(net, m.net, inputs(topo))
+
+
 def test_remove_channels_keeps_top_directions():
     """Any conv: the kept filters are the top left singular directions applied to W."""
     topo = case("stride", "dense")

@@ -574,7 +574,7 @@ def remove_neurons(net: SurgeryNet, layer: int, amount: int) -> Mutation:
     new_b = None if b is None else uk.T @ b
     if b is not None and topo.hidden[layer].is_linear:
         if b_next is None:
-            b_next = torch.zeros_like(w_next[:, 0])
+            b_next = w_next.new_zeros(w_next.shape[0])
         b_next = b_next + view.sum(2) @ (b - uk @ new_b)  # the residual, as the next sees it
     if bn is not None:
         assert new_b is not None  # folding always gives a bias
