@@ -196,9 +196,7 @@ def _param_map(old: Topology, new: Topology, sources: Sequence[_LayerSource | No
             result.append(
                 Source(old_pos[key], (src.rows, src.cols), (src.row_scale, src.col_scale))
             )
-        elif kind == "bias":
-            result.append(Source(old_pos[key], (src.rows,), (src.row_scale,)))
-        else:
+        else:  # a bias or a batch norm's weight or bias: one entry per unit or channel
             result.append(Source(old_pos[key], (src.rows,), (src.row_scale,)))
     return tuple(result)
 

@@ -375,6 +375,10 @@ class SurgeryModule(pl.LightningModule):
         self._average_norm_stats()
         super().on_validation_model_eval()
 
+    def on_test_model_eval(self) -> None:
+        self._average_norm_stats()  # also when no validation ran since the last training
+        super().on_test_model_eval()
+
     def _average_norm_stats(self) -> None:
         """Under DDP each rank normalises by its own batches and updates its own running
         statistics, as plain DDP does (SyncBatchNorm needs a GPU, and would wait for the
