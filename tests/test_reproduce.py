@@ -94,6 +94,7 @@ def test_page_has_every_method_figures_and_verdicts(finished, tmp_path):
         "plain training of the start",
         "surgery, paper mode",
         "surgery, default",
+        "surgery, grow preset",
         "random walk",
         "from scratch",
         "Optuna search",
@@ -105,6 +106,16 @@ def test_page_has_every_method_figures_and_verdicts(finished, tmp_path):
         figure = tmp_path / "results_figures" / f"digits_tiny_{kind}.png"
         assert figure.read_bytes()[:4] == b"\x89PNG"
         assert f"results_figures/digits_tiny_{kind}.png" in text
+
+
+def test_page_of_the_front_alone(finished, tmp_path):
+    """A run of ``--methods front`` alone has no start to draw curves for: its page has the
+    front's table and figure (it crashed on an empty curves figure)."""
+    results, _ = finished
+    front = [r for r in _all(results) if r["cell"]["method"] == "front"]
+    text = write_page(front, tmp_path / "RESULTS.md").read_text()
+    assert "### Plain MLPs (the front)" in text and "curves" not in text
+    assert (tmp_path / "results_figures" / "digits_tiny_front.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_rate_chosen_by_seed_0_validation_not_test():

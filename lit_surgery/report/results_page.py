@@ -429,11 +429,12 @@ def write_page(results: list[dict[str, Any]], path: Path, *, header: Sequence[st
             lines += ["", f"### Start {_widths(start)}", "", *page.table(dataset, schedule, start)]
         if page.front(dataset, schedule):
             lines += ["", "### Plain MLPs (the front)", "", *page.front_table(dataset, schedule)]
-        lines += [
-            "",
-            f"![validation accuracy]({page.plot_curves(dataset, schedule)})",
-            f"![widths]({page.plot_widths(dataset, schedule)})",
-            f"![accuracy against size]({page.plot_front(dataset, schedule)})",
-        ]
+        lines.append("")
+        if page.starts(dataset, schedule):  # not when only the front has run (no starts)
+            lines += [
+                f"![validation accuracy]({page.plot_curves(dataset, schedule)})",
+                f"![widths]({page.plot_widths(dataset, schedule)})",
+            ]
+        lines.append(f"![accuracy against size]({page.plot_front(dataset, schedule)})")
     path.write_text("\n".join(lines) + "\n")
     return path
