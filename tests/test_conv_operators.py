@@ -40,14 +40,6 @@ from lit_surgery.core.topology import ConvLayer, Topology
 ATOL = 1e-10  # float64, relative to the output's size
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def cnn(*conv: ConvLayer, dense=(5,), shape=(2, 6, 6), out=3) -> Topology:
     return Topology.cnn(shape, conv, dense, out)
 

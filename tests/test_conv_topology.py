@@ -23,14 +23,6 @@ CNNS = [
 ]
 
 
-@pytest.fixture(autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def test_json_round_trip_writes_version_2_with_conv_fields():
     topo = CNNS[1]
     data = json.loads(topo.to_json())
