@@ -93,7 +93,7 @@ class SurgeryModule(pl.LightningModule):
             batch_norm: true, pool: 2}`` in YAML), on the datamodule's image shape
             (channels, height, width); None: a fully connected network. Under DDP each rank
             keeps batch-norm statistics of its own batches, averaged across ranks before
-            every validation and surgery.
+            every validation, test and surgery.
     """
 
     def __init__(
