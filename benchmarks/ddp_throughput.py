@@ -5,11 +5,12 @@ gradients averaged across ranks in one all-reduce) on CPU with gloo, one thread 
 process; no surgery, validation, logging or progress bar. Each rank trains on half the
 data, so per-rank steps per second is what DDP must keep (target >= 0.9x one process).
 Runs alternate between one and two processes; the figures are medians over the epochs
-after the first of every run. Gloo keeps two threads of each rank busy while it waits (the
-main thread and its TCP loop thread, as ``top -H`` shows), so two ranks need about four
-free cores: on two cores they starve each other. ``--compile`` trains by the compiled step
-(``compile=True``; under DDP the all-reduce runs between its two graphs), else eagerly
-(``compile=False``); a run's first epoch, which compiles, is not counted. Usage:
+after the first of every run. Every micro-step waits for one all-reduce: with gloo that
+costs 0.1-0.35 ms even with free cores (README, Speed), as much as a step, so CPU runs stay
+far below the target; on two cores the ranks also starve each other (gloo keeps each rank's
+main thread and its TCP loop thread busy while it waits). ``--compile`` trains by the
+compiled step (``compile=True``; under DDP the all-reduce runs between its two graphs), else
+eagerly (``compile=False``); a run's first epoch, which compiles, is not counted. Usage:
 
     python benchmarks/ddp_throughput.py [--dataset fashion_mnist] [--repeats 3] [--compile]
         [--json PATH]
