@@ -14,7 +14,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 # test may only ask for a fraction of the profile's). "default" (`make test` by hand): 50
 # random examples per property, new ones each run; the local database (.hypothesis/) replays
 # failures first. "ci" (`.ci/run` exports HYPOTHESIS_PROFILE=ci; Hypothesis also picks it
-# when $CI is set): 1000 examples per property, derandomised, so a CI result depends on the
+# when $CI is set): 400 examples per property, derandomised, so a CI result depends on the
 # code alone (a red run reproduces with the same profile, and a good change is never failed
 # by a newly drawn example its code did not touch); finding new examples is the default
 # profile's job.
@@ -25,7 +25,7 @@ PROFILES = {
     ),
     "ci": settings(
         _BUILTIN,
-        max_examples=1000,
+        max_examples=400,
         derandomize=True,
         database=None,
         print_blob=True,

@@ -9,7 +9,7 @@ new slices, factor 0; where the function is kept, a parameter carried whole has 
 gradient), and rejects what it cannot do with an OperatorError.
 
 Example counts come from the Hypothesis profile (tests/conftest.py): 50 per property by
-default, 1000 with HYPOTHESIS_PROFILE=ci (200 for the rejections of bad arguments).
+default, 400 with HYPOTHESIS_PROFILE=ci (80 for the rejections of bad arguments).
 """
 
 from __future__ import annotations
@@ -42,7 +42,7 @@ BASIC_ACTS = ("relu", "leaky_relu", "linear", "tanh")
 REL = 1e-5  # relative bound on the output change of the exact operators
 GRAD_REL = 1e-8  # the same for the gradients of parameters carried whole (float64 only)
 # Rejections of bad arguments: a fifth of the profile's examples (at least 50); every other
-# property runs the profile's full count (1000 under HYPOTHESIS_PROFILE=ci).
+# property runs the profile's full count (400 under HYPOTHESIS_PROFILE=ci).
 ERROR_PATHS = settings(max_examples=max(50, settings().max_examples // 5))
 
 # --------------------------------------------------------------------------- strategies
