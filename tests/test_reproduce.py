@@ -54,11 +54,15 @@ def test_scratch_trains_its_seeds_surgery_topology_and_search_keeps_the_budget(f
     results, _ = finished
     groups = {(g.method, g.hidden): g for g in group_results(_all(results))}
     default = groups[("default", ())]
-    for run in _runs(results, "scratch"):
-        seed = run["cell"]["seed"]
-        surgery = next(r for r in default.runs if r["cell"]["seed"] == seed)
-        assert run["topology"] == surgery["topology"]
-        assert run["epoch_equivalents"] == 3  # the schedule's epochs, one network
+    for method, surgery_method in (("scratch", "default"), ("grow_scratch", "grow")):
+        runs = _runs(results, method)
+        assert runs, method
+        for run in runs:
+            seed = run["cell"]["seed"]
+            ended = groups[(surgery_method, ())].runs
+            surgery = next(r for r in ended if r["cell"]["seed"] == seed)
+            assert run["topology"] == surgery["topology"], method
+            assert run["epoch_equivalents"] == 3  # the schedule's epochs, one network
     for run in _runs(results, "search"):
         surgery = next(r for r in default.runs if r["cell"]["seed"] == run["cell"]["seed"])
         budget = run["cell"]["budget"]
@@ -96,7 +100,8 @@ def test_page_has_every_method_figures_and_verdicts(finished, tmp_path):
         "surgery, default",
         "surgery, grow preset",
         "random walk",
-        "from scratch",
+        "surgery's final topology, from scratch",
+        "grow preset's final topology, from scratch",
         "Optuna search",
         "[8]",
     ):

@@ -17,6 +17,7 @@ Methods:
   :attr:`Grid.grow_starts`);
 - ``scratch``: the topology that ``default`` surgery ended with (same seed), trained from a
   fresh initialisation for the same epochs: does the path matter, or only the topology?
+- ``grow_scratch``: the same for the topology ``grow`` ended with;
 - ``search``: Optuna (TPE, median pruning per epoch) over plain MLPs (1 or 2 layers, widths
   16..256, learning rate from the grid) until it has trained as many epoch-equivalents as
   ``default`` surgery spent on that seed (branches and screening batches counted);
@@ -54,7 +55,9 @@ from lit_surgery.data import TensorSplits, load_arrays, make_splits
 from lit_surgery.plain import PlainTrainer
 
 SURGERY = ("paper", "default", "random_walk", "shrink", "grow")
-METHODS = ("plain", *SURGERY, "scratch", "search", "front")
+SCRATCH = {"scratch": "default", "grow_scratch": "grow"}
+"""Each from-scratch method and the surgery whose final topologies it trains."""
+METHODS = ("plain", *SURGERY, *SCRATCH, "search", "front")
 FRONT = ((16,), (64,), (256,), (16, 16), (64, 64), (256, 256))
 
 
@@ -296,7 +299,7 @@ def run_cell(cell: Cell, grid: Grid) -> dict[str, Any]:
         return _surgery(cell, data, grid)
     if cell.method == "search":
         return _search(cell, data, grid)
-    if cell.method == "scratch":
+    if cell.method in SCRATCH:
         return _plain(cell, Topology.from_dict(cell.topology), data, grid)
     return _plain(cell, Topology.mlp(data.input_size, cell.hidden, data.num_classes), data, grid)
 
@@ -360,13 +363,14 @@ def final_cells(grid: Grid, results: Results, base: Cell) -> list[Cell]:
 
 def planned(grid: Grid, results: Results) -> list[Cell]:
     """The cells of ``grid`` whose inputs are known (``scratch`` and ``search`` need
-    ``default``'s result of their seed; later seeds, the chosen rate), done or not."""
+    ``default``'s result of their seed, ``grow_scratch`` ``grow``'s; later seeds, the chosen
+    rate), done or not."""
     out: list[Cell] = []
     for dataset in grid.datasets:
         for schedule in (s.name for s in grid.schedules):
             for start in grid.starts:
                 base = Cell(dataset, start, schedule, "plain", 0, None, hidden=start)
-                for method in (m for m in grid.methods if m not in ("scratch", "search", "front")):
+                for method in (m for m in grid.methods if m in SURGERY or m == "plain"):
                     only = {"shrink": grid.shrink_starts, "grow": grid.grow_starts}
                     if start in only.get(method, (start,)):
                         out += _with_lrs(grid, results, replace(base, method=method))
@@ -384,16 +388,26 @@ def runnable(grid: Grid, results: Results) -> list[Cell]:
 
 
 def _dependent(grid: Grid, results: Results, base: Cell) -> Iterator[Cell]:
+    for method, surgery in SCRATCH.items():
+        if method in grid.methods:
+            yield from _scratch(grid, results, replace(base, method=method), surgery)
     defaults = final_cells(grid, results, replace(base, method="default"))
     done = {c.seed: r for c in defaults if (r := results.get(c)) is not None}
-    if "scratch" in grid.methods and 0 in done:
-        hidden = tuple(done[0]["widths"])
-        scratch = replace(base, method="scratch", hidden=hidden, topology=done[0]["topology"])
-        for cell in _with_lrs(grid, results, scratch):
-            if cell.seed in done:  # each seed trains the topology its own surgery found
-                r = done[cell.seed]
-                yield replace(cell, hidden=tuple(r["widths"]), topology=r["topology"])
     if "search" in grid.methods:
         for seed, r in done.items():
             budget = round(r["epoch_equivalents"], 1)
             yield replace(base, method="search", seed=seed, lr=None, budget=budget)
+
+
+def _scratch(grid: Grid, results: Results, base: Cell, surgery: str) -> Iterator[Cell]:
+    """``base`` (a from-scratch method) on the topologies ``surgery`` ended with, once its
+    seed 0 is done: each seed trains the topology its own surgery found."""
+    cells = final_cells(grid, results, replace(base, method=surgery))
+    done = {c.seed: r for c in cells if (r := results.get(c)) is not None}
+    if 0 not in done:
+        return
+    first = replace(base, hidden=tuple(done[0]["widths"]), topology=done[0]["topology"])
+    for cell in _with_lrs(grid, results, first):
+        if cell.seed in done:
+            r = done[cell.seed]
+            yield replace(cell, hidden=tuple(r["widths"]), topology=r["topology"])

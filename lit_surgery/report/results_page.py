@@ -15,7 +15,7 @@ from typing import Any
 
 from matplotlib.figure import Figure
 
-from lit_surgery.report.experiments import finite
+from lit_surgery.report.experiments import SCRATCH, finite
 from lit_surgery.report.figures import save_figure
 
 LABELS = {
@@ -26,9 +26,13 @@ LABELS = {
     "shrink": "surgery, shrink preset",
     "grow": "surgery, grow preset",
     "scratch": "surgery's final topology, from scratch",
+    "grow_scratch": "grow preset's final topology, from scratch",
     "search": "Optuna search over plain MLPs",
     "front": "plain MLP",
 }
+
+SCRATCH_OF = {surgery: method for method, surgery in SCRATCH.items()}
+"""Each surgery method's from-scratch rival: its final topologies trained from scratch."""
 
 
 @dataclass
@@ -255,7 +259,7 @@ class Page:
                 label=LABELS["front"] + "s (front)",
             )
         methods = [m for m in LABELS if m != "front"]
-        markers = dict(zip(methods, "o^vDsPX*", strict=True))
+        markers = dict(zip(methods, "o^vDsPXh*", strict=True))
         for k, start in enumerate(self.starts(dataset, schedule)):
             for method, marker in markers.items():
                 g = self.find(dataset, schedule, start, method)
@@ -356,7 +360,7 @@ def targets(page: Page, dataset: str = "fashion_mnist", schedule: str = "quick")
         out.append((f"{grown}: test accuracy >= 0.88", f"{acc:.4f}", acc >= 0.88))
         rivals = [
             page.front_at(dataset, schedule, g.mean("num_params")),
-            page.find(dataset, schedule, start, "scratch"),
+            page.find(dataset, schedule, start, SCRATCH_OF[method]),
         ]
         rivals = [r for r in rivals if r is not None]
         if rivals:
