@@ -107,6 +107,11 @@ def test_page_has_every_method_figures_and_verdicts(finished, tmp_path):
     ):
         assert label in text, label
     assert "| claim | measured | holds |" in text
+    for name in ("default", "paper mode"):  # each claim judged for both surgeries
+        for claim in ("is more accurate than plain", "fewer parameters at equal accuracy",
+                      "at most 1.5x the wall time"):
+            assert any(f"surgery ({name}) from [6]" in line and claim in line
+                       for line in text.splitlines()), (name, claim)
     for kind in ("curves", "widths", "front"):
         figure = tmp_path / "results_figures" / f"digits_tiny_{kind}.png"
         assert figure.read_bytes()[:4] == b"\x89PNG"
