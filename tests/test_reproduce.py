@@ -128,6 +128,16 @@ def test_page_of_the_front_alone(finished, tmp_path):
     assert (tmp_path / "results_figures" / "digits_tiny_front.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_paper_mode_is_judged_before_default_surgery_has_run(finished, tmp_path):
+    """Paper mode's claims need plain training and paper mode alone (the page said "not
+    measured yet" while only default surgery was missing)."""
+    results, _ = finished
+    runs = [r for r in _all(results) if r["cell"]["method"] in ("plain", "paper")]
+    text = write_page(runs, tmp_path / "RESULTS.md").read_text()
+    assert "surgery (paper mode) from [6]: fewer parameters at equal accuracy" in text
+    assert "surgery (default)" not in text
+
+
 def test_rate_chosen_by_seed_0_validation_not_test():
     def run(method, seed, lr, val, test):
         cell = dict(
