@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
 from lit_surgery.core.criteria import propose
 from lit_surgery.core.network import build
+from lit_surgery.core.operators import shrink_perturb_
 from lit_surgery.core.policy import Surgeon
 from lit_surgery.core.settings import SettingsError, SurgerySettings
 from lit_surgery.core.topology import Topology
@@ -48,7 +51,8 @@ class Script:
 
 def test_grow_widens_each_narrow_layer_once_with_one_branch_without_retries():
     script = Script()
-    settings = SurgerySettings.grow(**{**SCHEDULE, "max_epochs": 25})
+    exact = dict(perturb_shrink=1.0, perturb_noise=0.0)  # to see the split's own weights
+    settings = SurgerySettings.grow(**{**SCHEDULE, "max_epochs": 25}, **exact)
     surgeon = Surgeon(settings, script.train, script.screen)
     best = surgeon.run(_net())
     # the layer with the most inputs per unit (20/4, then 132/4 twice), then none is
@@ -71,3 +75,62 @@ def test_grow_goes_on_unchanged_where_the_budget_allows_no_widening():
     assert [change for change, _ in script.trained[1:]] == ["B"] * 3
     assert surgeon.history.fallbacks == []  # a screened B, not the fallback for divergence
     assert best.net.topology.widths == [4, 4, 4]
+
+
+def _same(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    pairs = zip(a.parameters(), b.parameters(), strict=True)
+    return all(torch.equal(p, q) for p, q in pairs)
+
+
+def test_shrink_perturb_moves_each_entry_within_its_bound_reproducibly():
+    net, before = _net(), _net()
+    shrink_perturb_(net, 0.5, 0.1, torch.Generator().manual_seed(1))
+    for i in range(4):
+        new, old = net.linear(i), before.linear(i)
+        bound = 0.1 / old.weight.shape[1] ** 0.5  # noise times torch's default bound
+        for p, q in ((new.weight, old.weight), (new.bias, old.bias)):
+            moved = (p - 0.5 * q).abs()
+            assert moved.max() <= bound * (1 + 1e-6)
+            assert moved.max() > bound / 2  # the noise was drawn, not left out
+    again = shrink_perturb_(_net(), 0.5, 0.1, torch.Generator().manual_seed(1))
+    assert _same(net, again)
+
+
+def test_shrink_without_noise_scales_a_bias_free_relu_network_and_1_0_is_identity():
+    net = _net()
+    with torch.no_grad():
+        for i in range(4):
+            net.linear(i).bias.zero_()
+    x = torch.randn(16, 20)
+    out = net(x)
+    same = shrink_perturb_(copy.deepcopy(net), 1.0, 0.0)
+    assert _same(net, same)
+    torch.testing.assert_close(shrink_perturb_(net, 0.5, 0.0)(x), out * 0.5**4)  # 4 layers
+
+
+def _first_widening(**overrides) -> tuple:
+    script = Script()
+    settings = SurgerySettings.grow(**{**SCHEDULE, "max_epochs": 25}, **overrides)
+    surgeon = Surgeon(settings, script.train, script.screen, seed=3)
+    surgeon.start(_net())
+    (child,) = surgeon.step([0.5]).branches
+    return surgeon, child
+
+
+def test_grow_shrinks_and_perturbs_each_widened_network_and_nothing_else():
+    assert (SurgerySettings.grow().perturb_shrink, SurgerySettings.grow().perturb_noise) == (
+        0.5, 0.1)
+    surgeon, child = _first_widening()
+    _, exact = _first_widening(perturb_shrink=1.0, perturb_noise=0.0)
+    assert child.change.describe() == exact.change.describe() == "AN@0 x128"
+    for i in range(4):  # the widened network, shrunk, then moved by at most the noise bound
+        new, old = child.net.linear(i), exact.net.linear(i)
+        moved = (new.weight - 0.5 * old.weight).abs()
+        assert 0 < moved.max() <= 0.1 / old.weight.shape[1] ** 0.5 * (1 + 1e-6)
+    assert not exact.net.linear(1).weight[:, 8:].any()  # silent new units without it
+    assert child.net.linear(1).weight[:, 8:].any()
+    for _ in range(2):
+        (parent,) = surgeon.step([0.5]).branches
+    (copy_,) = surgeon.step([0.5]).branches  # nothing narrow is left: B, an exact copy
+    assert copy_.change.describe() == "B"
+    assert _same(copy_.net, parent.net)

@@ -383,6 +383,27 @@ def _fresh_units(
     return draw(count, *w.shape[1:]), None if b is None else draw(count)
 
 
+def shrink_perturb_(
+    net: SurgeryNet, shrink: float, noise: float, generator: torch.Generator | None = None
+) -> SurgeryNet:
+    """In place: every layer's weight and bias ``theta <- shrink * theta + noise * theta0``,
+    ``theta0`` a fresh default initialisation drawn from ``generator``; batch norms untouched.
+
+    Not an operator and not function-preserving: it undoes part of what a warm-started
+    network has fitted, so that a widened network generalises like one trained from the
+    start (Ash & Adams, "On warm-starting neural network training", 2020; docs/METHOD.md).
+    Bound: each entry moves at most ``noise / sqrt(fan_in)`` from ``shrink * theta``; with
+    ``noise=0`` a bias-free ReLU network's output is scaled by ``shrink ** (depth + 1)``."""
+    with torch.no_grad():
+        for i in range(net.topology.depth + 1):
+            layer = net.linear(i)
+            w0, b0 = _fresh_units(layer.weight, layer.bias, layer.weight.shape[0], generator)
+            layer.weight.mul_(shrink).add_(w0, alpha=noise)
+            if layer.bias is not None:
+                layer.bias.mul_(shrink).add_(b0, alpha=noise)
+    return net
+
+
 # --------------------------------------------------------------------------- AL
 
 IDENTITY_ACTIVATIONS = ("linear", "relu")

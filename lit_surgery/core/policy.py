@@ -35,7 +35,7 @@ import torch
 
 from lit_surgery.core.criteria import Candidate, best_per_type, propose
 from lit_surgery.core.network import SurgeryNet, build
-from lit_surgery.core.operators import Mutation, operator
+from lit_surgery.core.operators import Mutation, operator, shrink_perturb_
 from lit_surgery.core.optim_state import transfer_state
 from lit_surgery.core.settings import SurgerySettings
 from lit_surgery.core.state import (
@@ -448,6 +448,9 @@ class Surgeon:
             mutation: Mutation = operator(candidate.op).apply(
                 parent.net, candidate.layer, candidate.amount, **options
             )
+            s = self.settings
+            if candidate.op != "B" and (s.perturb_shrink != 1 or s.perturb_noise != 0):
+                shrink_perturb_(mutation.net, s.perturb_shrink, s.perturb_noise, self.generator)
             state = None
             if parent.optimizer_state is not None:
                 shapes = [p.shape for p in parent.net.parameters()]

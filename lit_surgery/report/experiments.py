@@ -102,8 +102,8 @@ class Grid:
             return SurgerySettings.paper(**s)
         if method == "shrink":
             return SurgerySettings.shrink(**s, max_params=start_params)
-        if method == "grow":
-            return SurgerySettings.grow(**s)
+        if method == "grow":  # its own generation schedule, the grid's epochs
+            return SurgerySettings.grow(max_epochs=s["max_epochs"])
         return SurgerySettings(**s, random_walk=method == "random_walk")
 
 
