@@ -178,6 +178,14 @@ def test_cli_defaults_wandb_offline_checkpoint_lr_monitor_rich_bar_report():
     assert isinstance(cli.trainer.fit_loop, SurgeryFitLoop)
 
 
+def test_the_grow_config_is_the_grow_preset():
+    from lit_surgery.core.settings import SurgerySettings
+
+    cli = SurgeryCLI(args=["--config", str(ROOT / "configs/fashion_mnist_quick_grow.yaml")],
+                     run=False)
+    assert cli.model.settings == SurgerySettings.grow(max_epochs=30)
+
+
 def test_what_the_user_turns_off_stays_off(tmp_path, capsys, monkeypatch):
     """No logger, no checkpointing, no progress bar: the CLI's own defaults (learning-rate
     monitor, checkpoint callback, rich bar) follow, and the run still tests and exports."""

@@ -217,14 +217,16 @@ class SurgerySettings:
         schedule's epochs once. ``split="fresh"``: splitting 4 units into 132 (33 copies each)
         collapsed training on 2 of 3 seeds. A generation every epoch from the first, so the
         final width trains almost as long as a network built at that width, and shrink and
-        perturb (0.5, 0.1) after each widening: grown networks ended 0.007-0.008 below
-        their topology trained from scratch without both (docs/METHOD.md, "Growing a start
-        that is too small")."""
+        perturb (0.5, 0.5) after each widening: grown networks ended 0.007-0.008 below
+        their topology trained from scratch without both. The perturbation slows the
+        network for a while: with a small learning rate on little data (digits, 0.01) it did
+        not recover; ``perturb_shrink=1, perturb_noise=0`` turns it off (docs/METHOD.md,
+        "Growing a start that is too small")."""
         choices = dict(
             initial_epochs=1,
             epoch_step=1,
             perturb_shrink=0.5,
-            perturb_noise=0.1,
+            perturb_noise=0.5,
             parallel_branches=1,
             max_retries=0,
             include_random=False,
