@@ -4,11 +4,12 @@ resuming, and the results page, on a tiny grid over digits."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 
 from lit_surgery.report.experiments import METHODS, Grid, Results, Schedule, planned
-from lit_surgery.report.reproduce import main, run_grid
+from lit_surgery.report.reproduce import header, main, run_grid
 from lit_surgery.report.results_page import group_results, time_to_reach, write_page
 
 TINY = Grid(
@@ -156,6 +157,16 @@ def test_rate_chosen_by_seed_0_validation_not_test():
     assert group.lr == 0.1
     assert [r["cell"]["seed"] for r in group.runs] == [0, 1]
     assert group.mean("test") == pytest.approx(0.55)
+
+
+def test_grow_keeps_its_own_generations_and_the_page_says_so():
+    grow, default = (Grid().settings(m, "quick", 1000) for m in ("grow", "default"))
+    assert (grow.initial_epochs, grow.epoch_step, grow.max_epochs) == (1, 1, 30)
+    assert (default.initial_epochs, default.epoch_step, default.max_epochs) == (5, 5, 30)
+    protocol = "\n".join(header(TINY, "make reproduce", ["CPU"]))
+    assert "the grow preset keeps its own generations" in protocol
+    without = replace(TINY, methods=("plain", "default"))
+    assert "grow preset" not in "\n".join(header(without, "make reproduce", ["CPU"]))
 
 
 def test_time_to_reach():
