@@ -89,6 +89,11 @@ def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
         f"{s.max_epochs} in all)"
         for s in grid.schedules
     )
+    grow = (
+        "; the grow preset keeps its own generations (one every epoch from the first)"
+        if "grow" in grid.methods
+        else ""
+    )
     return [
         "# Results",
         "",
@@ -102,9 +107,7 @@ def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
         f"- data: {', '.join(grid.datasets)}; the validation split (10%) is held out from the "
         "training images, the test split is evaluated once, on the network a run ends with;",
         f"- schedules: {schedules}; every method trains for the same epochs of its network's "
-        "lineage (surgery's parallel branches and screening cost more epoch-equivalents)"
-        + ("; the grow preset keeps its own generations (one every epoch from the first)"
-           if "grow" in grid.methods else "") + ";",
+        f"lineage (surgery's parallel branches and screening cost more epoch-equivalents){grow};",
         f"- plain SGD, batch {grid.batch_size}; the learning rate of every method is the best "
         f"of {list(grid.lrs)} by seed 0's final validation accuracy (the Optuna search "
         "searches it over the same values);",
