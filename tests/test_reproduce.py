@@ -4,13 +4,15 @@ resuming, and the results page, on a tiny grid over digits."""
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 
 from lit_surgery.report.experiments import METHODS, Grid, Results, Schedule, planned
 from lit_surgery.report.reproduce import header, main, run_grid
-from lit_surgery.report.results_page import group_results, time_to_reach, write_page
+from lit_surgery.report.results_page import TRIED, group_results, time_to_reach, write_page
 
 TINY = Grid(
     datasets=("digits",),
@@ -167,6 +169,14 @@ def test_grow_keeps_its_own_generations_and_the_page_says_so():
     assert "the grow preset keeps its own generations" in protocol
     without = replace(TINY, methods=("plain", "default"))
     assert "grow preset" not in "\n".join(header(without, "make reproduce", ["CPU"]))
+
+
+def test_the_pages_pointer_to_what_was_tried_names_sections_that_exist():
+    method = (Path(__file__).parents[1] / "docs" / "METHOD.md").read_text()
+    titles = re.findall(r'"([^"]+)"', TRIED)
+    assert len(titles) == 2
+    for title in titles:
+        assert f"\n## {title}" in method, title
 
 
 def test_time_to_reach():

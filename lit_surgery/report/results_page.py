@@ -415,6 +415,12 @@ def _verdicts(rows: list[Verdict]) -> list[str]:
     return lines
 
 
+TRIED = (
+    "Where a target is missed, docs/METHOD.md says what was tried: \"Growing a start that is "
+    "too small\" (growth) and \"The cost of the default policy\" (cost)."
+)
+
+
 def write_page(results: list[dict[str, Any]], path: Path, *, header: Sequence[str] = ()) -> Path:
     """Write the results page at ``path`` and its figures beside it (``<stem>_figures/``)."""
     figures = path.parent / f"{path.stem.lower()}_figures"
@@ -423,6 +429,7 @@ def write_page(results: list[dict[str, Any]], path: Path, *, header: Sequence[st
     if any(ds == "fashion_mnist" and sc == "quick" for ds, sc in page.cases()):
         lines += ["", "## Targets of the default policy (Fashion-MNIST, quick schedule)", ""]
         lines += _verdicts(targets(page))
+        lines += ["", TRIED]
     for dataset, schedule in page.cases():
         lines += ["", f"## {dataset}, {schedule} schedule", ""]
         lines += ["### The paper's claims", "", *_verdicts(claims(page, dataset, schedule))]
