@@ -12,7 +12,14 @@ import pytest
 
 from lit_surgery.report.experiments import METHODS, Grid, Results, Schedule, planned
 from lit_surgery.report.reproduce import header, main, run_grid
-from lit_surgery.report.results_page import TRIED, group_results, time_to_reach, write_page
+from lit_surgery.report.results_page import (
+    TRIED,
+    Group,
+    _cost,
+    group_results,
+    time_to_reach,
+    write_page,
+)
 
 TINY = Grid(
     datasets=("digits",),
@@ -177,6 +184,28 @@ def test_the_pages_pointer_to_what_was_tried_names_sections_that_exist():
     assert len(titles) == 2
     for title in titles:
         assert f"\n## {title}" in method, title
+
+
+def test_every_run_records_its_cpu_time(finished):
+    results, _ = finished
+    for run in _all(results):
+        assert 0 < run["cpu"] < 10 * run["wall"] + 1, run["cell"]["key"]
+
+
+def test_cost_is_judged_by_cpu_time_where_both_sides_recorded_it():
+    def group(method, walls, cpus=None):
+        runs = [dict(wall=w) | ({} if cpus is None else dict(cpu=c))
+                for w, c in zip(walls, cpus or walls, strict=True)]
+        return Group("d", "s", (4,), method, (), runs)
+
+    plain = group("plain", [10.0, 30.0], [10.0, 10.0])  # one plain run shared its core
+    surgery = group("default", [40.0, 40.0], [12.0, 14.0])
+    claim, measured, holds = _cost(surgery, plain, "default")
+    assert (measured, holds) == ("1.30x (CPU time)", True)
+    # a side without CPU times (runs from before they were recorded): wall times
+    _, measured, holds = _cost(group("default", [40.0, 40.0]), plain, "default")
+    assert (measured, holds) == ("2.00x", False)
+    assert "at most 1.5x the wall time" in claim
 
 
 def test_time_to_reach():

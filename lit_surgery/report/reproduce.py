@@ -115,7 +115,10 @@ def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
         "- wall times include screening and every other part of surgery, and the validation "
         "evaluation after each epoch (in every method alike). They are only as steady as "
         "the machine was: runs that shared their cores with other jobs (digits runs last "
-        "seconds) can be off by several times, so read cost verdicts with the load in mind.",
+        "seconds) can be off by several times. Runs also record their CPU time (one thread: "
+        "the wall time they would take on a core of their own; \"CPU / plain\", \"–\" "
+        "where a run predates it), and a cost verdict uses it where both sides have it, "
+        "else wall times: read those with the load in mind.",
     ]
 
 
