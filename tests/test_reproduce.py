@@ -193,9 +193,10 @@ def test_every_run_records_its_cpu_time(finished):
 
 
 def test_cost_is_judged_by_cpu_time_where_both_sides_recorded_it():
-    def group(method, walls, cpus=None):
-        runs = [dict(wall=w) | ({} if cpus is None else dict(cpu=c))
-                for w, c in zip(walls, cpus or walls, strict=True)]
+    def group(method, walls, cpus=()):
+        runs = [{"wall": w} for w in walls]
+        for run, cpu in zip(runs, cpus, strict=False):  # no cpus: runs from before
+            run["cpu"] = cpu
         return Group("d", "s", (4,), method, (), runs)
 
     plain = group("plain", [10.0, 30.0], [10.0, 10.0])  # one plain run shared its core

@@ -154,17 +154,13 @@ class Page:
             g = self.find(dataset, schedule, start, method)
             if g is None:
                 continue
-            ratio = g.mean("wall") / plain.mean("wall") if plain else math.nan
-            cpu = (
-                f"{g.mean('cpu') / plain.mean('cpu'):.2f}"
-                if plain and g.has("cpu") and plain.has("cpu")
-                else "–"
-            )
+            wall, cpu = (_ratio(g, plain, key) for key in ("wall", "cpu"))
             rows.append(
                 f"| {LABELS[method]} | {_pm(g, 'test')} (n={len(g.runs)}) "
                 f"| {g.mean('num_params'):,.0f} | {_widths(g.runs[0]['widths'])} "
-                f"| {g.mean('epoch_equivalents'):.1f} | {g.mean('wall'):.1f} | {ratio:.2f} "
-                f"| {cpu} "
+                f"| {g.mean('epoch_equivalents'):.1f} | {g.mean('wall'):.1f} "
+                f"| {'–' if wall is None else f'{wall:.2f}'} "
+                f"| {'–' if cpu is None else f'{cpu:.2f}'} "
                 f"| {self._reach(g, plain)} | {g.lr if g.lr is not None else 'searched'} |"
             )
         return rows
@@ -344,16 +340,24 @@ def claims(page: Page, dataset: str, schedule: str) -> list[Verdict]:
     return out
 
 
+def _ratio(group: Group, plain: Group | None, key: str) -> float | None:
+    """``group``'s mean ``key`` over plain training's; None without plain training or
+    where a run lacks ``key`` (runs from before ``cpu`` was recorded)."""
+    if plain is None or not (group.has(key) and plain.has(key)):
+        return None
+    return group.mean(key) / plain.mean(key)
+
+
 def _cost(surgery: Group, plain: Group, name: str) -> Verdict:
     """The paper's claim and our target alike: surgery at most 1.5x plain training's time.
     By CPU time where both recorded it: a one-thread run's CPU time is its wall time on a
-    core of its own, and other jobs on the machine do not inflate it."""
-    key = "cpu" if surgery.has("cpu") and plain.has("cpu") else "wall"
-    cost = surgery.mean(key) / plain.mean(key)
+    core of its own, and jobs sharing its core inflate it far less than its wall time."""
+    cpu = _ratio(surgery, plain, "cpu")
+    cost = _ratio(surgery, plain, "wall") if cpu is None else cpu
     return (
         f"surgery ({name}) from {_widths(surgery.start)}: at most 1.5x the wall time "
         "of plain training of its start",
-        f"{cost:.2f}x" + (" (CPU time)" if key == "cpu" else ""),
+        f"{cost:.2f}x" + ("" if cpu is None else " (CPU time)"),
         cost <= 1.5,
     )
 
