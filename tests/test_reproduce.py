@@ -3,15 +3,17 @@ resuming, and the results page, on a tiny grid over digits."""
 
 from __future__ import annotations
 
+import json
 import math
 import re
-from dataclasses import replace
+import shutil
+from dataclasses import fields, replace
 from pathlib import Path
 
 import pytest
 
-from lit_surgery.report.experiments import METHODS, Grid, Results, Schedule, planned
-from lit_surgery.report.reproduce import header, main, run_grid
+from lit_surgery.report.experiments import METHODS, Grid, Results, Schedule, planned, runnable
+from lit_surgery.report.reproduce import coverage, header, main, run_grid
 from lit_surgery.report.results_page import (
     TRIED,
     Group,
@@ -35,7 +37,7 @@ TINY = Grid(
 
 @pytest.fixture(scope="module")
 def finished(tmp_path_factory):
-    results = Results(tmp_path_factory.mktemp("cells"))
+    results = Results(tmp_path_factory.mktemp("cells"), config=TINY.config)
     ran = run_grid(TINY, results, jobs=1)
     return results, ran
 
@@ -186,10 +188,59 @@ def test_the_pages_pointer_to_what_was_tried_names_sections_that_exist():
         assert f"\n## {title}" in method, title
 
 
-def test_every_run_records_its_cpu_time(finished):
+def test_every_run_records_its_cpu_time_settings_and_commit(finished):
     results, _ = finished
-    for run in _all(results):
-        assert 0 < run["cpu"] < 10 * run["wall"] + 1, run["cell"]["key"]
+    for cell in planned(TINY, results):
+        run = results.get(cell)
+        assert 0 < run["cpu"] < 10 * run["wall"] + 1, cell.key
+        assert run["config"] == TINY.config(cell) and run["commit"], cell.key
+
+
+class _FewerRetries(Grid):
+    """TINY with grow() changed, as a commit that edits a preset would."""
+
+    def settings(self, method, schedule, start_params):
+        settings = super().settings(method, schedule, start_params)
+        return replace(settings, max_retries=1) if method == "grow" else settings
+
+
+def _copy(finished, tmp_path):
+    folder = tmp_path / "cells"
+    shutil.copytree(finished[0].folder, folder)
+    return folder
+
+
+def test_a_result_made_with_other_settings_runs_again_and_is_kept_aside(finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    changed = _FewerRetries(**{f.name: getattr(TINY, f.name) for f in fields(TINY)})
+    results = Results(folder, config=changed.config)
+    grow = [c for c in planned(TINY, Results(folder)) if c.method == "grow"]
+    assert grow and {results.state(c) for c in grow} == {"stale"}
+    assert {c.method for c in runnable(changed, results)} == {"grow"}
+    page = "\n".join(coverage(planned(changed, results), results))
+    assert "results made with other settings" in page
+    run_grid(changed, results, jobs=1)
+    assert {results.state(c) for c in planned(changed, results)} == {"current"}
+    kept = sorted(p.name.rsplit(".", 2)[0] for p in (folder / "stale").glob("*.json"))
+    assert kept == sorted(c.key for c in grow)  # nothing lost
+    assert Results(folder, config=TINY.config).state(grow[0]) == "stale"  # and back
+
+
+def test_unrecorded_results_are_used_and_refresh_runs_them_again(finished, tmp_path):
+    folder = _copy(finished, tmp_path)
+    cell = next(c for c in planned(TINY, Results(folder)) if c.method == "plain")
+    path = Results(folder).path(cell)
+    old = json.loads(path.read_text())
+    del old["config"], old["commit"]  # a result from before runs recorded them
+    path.write_text(json.dumps(old))
+    results = Results(folder, config=TINY.config)
+    assert results.state(cell) == "unrecorded" and results.get(cell) == old
+    assert not runnable(TINY, results)
+    assert "1 runs predate the record" in "\n".join(coverage(planned(TINY, results), results))
+    results.refresh = True
+    assert cell in runnable(TINY, results)
+    run_grid(TINY, results, jobs=1)
+    assert results.state(cell) == "current" and results.get(cell)["test"] == old["test"]
 
 
 def test_cost_is_judged_by_cpu_time_where_both_sides_recorded_it():

@@ -37,7 +37,7 @@ import math
 import os
 import platform
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field, replace
 from functools import cache
 from pathlib import Path
@@ -105,6 +105,22 @@ class Grid:
         if method == "grow":  # its own generation schedule, the grid's epochs
             return SurgerySettings.grow(max_epochs=s["max_epochs"])
         return SurgerySettings(**s, random_walk=method == "random_walk")
+
+    def settings_for(self, cell: Cell) -> SurgerySettings:
+        """``cell``'s surgery settings (``shrink``'s budget is its start's size on its data)."""
+        data = load_data(cell.dataset) if cell.method == "shrink" else None
+        size = Topology.mlp(data.input_size, cell.start, data.num_classes).num_params if data else 0
+        return self.settings(cell.method, cell.schedule, size)
+
+    def config(self, cell: Cell) -> dict[str, Any]:
+        """What decides ``cell``'s run beyond its key, as JSON reads it back: a result that
+        recorded another config was made by other settings and is stale."""
+        config: dict[str, Any] = {"batch_size": self.batch_size}
+        if cell.method in SURGERY:
+            config["settings"] = asdict(self.settings_for(cell))
+        if cell.method == "search":
+            config["lrs"] = list(self.lrs)
+        return json.loads(json.dumps(config))
 
 
 @dataclass(frozen=True)
@@ -182,6 +198,7 @@ def finite(x: float | None) -> float:
 
 def _result(
     cell: Cell,
+    grid: Grid,
     recorder: Recorder,
     net: torch.nn.Module,
     data: TensorSplits,
@@ -192,6 +209,7 @@ def _result(
     device = data.x_train.device
     return {
         "cell": {**asdict(cell), "key": cell.key},
+        "config": grid.config(cell),
         "device": torch.cuda.get_device_name(device)
         if device.type == "cuda"
         else f"CPU ({platform.machine()}, {os.cpu_count()} cores)",
@@ -214,7 +232,7 @@ def _plain(cell: Cell, topo: Topology, data: TensorSplits, grid: Grid) -> dict[s
     trainer = PlainTrainer(data, batch_size=grid.batch_size, lr=cell.lr, seed=cell.seed)
     recorder = Recorder(trainer)
     (val,) = recorder.train([Branch(0, net)], grid.schedule(cell.schedule).max_epochs)
-    return _result(cell, recorder, net, data, val)
+    return _result(cell, grid, recorder, net, data, val)
 
 
 def _surgery(cell: Cell, data: TensorSplits, grid: Grid) -> dict[str, Any]:
@@ -222,7 +240,7 @@ def _surgery(cell: Cell, data: TensorSplits, grid: Grid) -> dict[str, Any]:
     net = build(Topology.mlp(data.input_size, cell.start, data.num_classes))
     trainer = PlainTrainer(data, batch_size=grid.batch_size, lr=cell.lr, seed=cell.seed)
     recorder = Recorder(trainer)
-    settings = grid.settings(cell.method, cell.schedule, net.topology.num_params)
+    settings = grid.settings_for(cell)
     surgeon = Surgeon(settings, None, trainer.screen, seed=cell.seed)
     events = []
     plan = surgeon.start(net)
@@ -242,7 +260,7 @@ def _surgery(cell: Cell, data: TensorSplits, grid: Grid) -> dict[str, Any]:
         )
     winner = plan.branches[0]
     screened = surgeon.history.batches_screened * grid.batch_size / len(data.y_train)
-    result = _result(cell, recorder, winner.net, data, winner.metric, events=events)
+    result = _result(cell, grid, recorder, winner.net, data, winner.metric, events=events)
     result["epoch_equivalents"] = recorder.epochs_trained + screened
     return result
 
@@ -285,6 +303,7 @@ def _search(cell: Cell, data: TensorSplits, grid: Grid) -> dict[str, Any]:
         study.optimize(objective, n_trials=1)
     return _result(
         cell,
+        grid,
         recorder,
         best["net"],
         data,
@@ -311,17 +330,27 @@ def run_cell(cell: Cell, grid: Grid) -> dict[str, Any]:
 
 
 class Results:
-    """Cell results as JSON files in ``folder``, one per cell: a rerun skips finished cells."""
+    """Cell results as JSON files in ``folder``, one per cell: a rerun skips finished cells.
 
-    def __init__(self, folder: Path) -> None:
+    A result made with other settings than ``config`` gives for its cell now (a preset or a
+    default changed since) is *stale*: ``get`` does not return it, so the cell runs again,
+    and ``put`` moves the old file to ``folder/stale/``. Results from before runs recorded
+    their config are *unrecorded*: used, counted on the page, and re-run by ``refresh``."""
+
+    def __init__(
+        self, folder: Path, config: Callable[[Cell], dict[str, Any]] | None = None
+    ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
+        self.config = config
+        self.refresh = False
         self._read: dict[str, dict[str, Any]] = {}  # planning reads each result many times
 
     def path(self, cell: Cell) -> Path:
         return self.folder / f"{cell.key}.json"
 
-    def get(self, cell: Cell) -> dict[str, Any] | None:
+    def stored(self, cell: Cell) -> dict[str, Any] | None:
+        """The file's result, current or not."""
         if cell.key not in self._read:
             path = self.path(cell)
             if not path.exists():
@@ -329,8 +358,30 @@ class Results:
             self._read[cell.key] = json.loads(path.read_text())
         return self._read[cell.key]
 
+    def state(self, cell: Cell) -> str:
+        """``missing``, ``current``, ``stale`` (other settings) or ``unrecorded``."""
+        result = self.stored(cell)
+        if result is None:
+            return "missing"
+        if self.config is None:
+            return "current"
+        if "config" not in result:
+            return "unrecorded"
+        return "current" if result["config"] == self.config(cell) else "stale"
+
+    def get(self, cell: Cell) -> dict[str, Any] | None:
+        """The result to use for ``cell``: None if it must (re)run."""
+        state = self.state(cell)
+        if state == "current" or (state == "unrecorded" and not self.refresh):
+            return self.stored(cell)
+        return None
+
     def put(self, cell: Cell, result: dict[str, Any]) -> None:
         path = self.path(cell)
+        if path.exists():  # a stale or refreshed result: kept aside, not overwritten
+            old = self.folder / "stale" / f"{cell.key}.{int(path.stat().st_mtime)}.json"
+            old.parent.mkdir(exist_ok=True)
+            path.replace(old)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(result))
         tmp.replace(path)  # atomic: an interrupted run leaves no half-written result

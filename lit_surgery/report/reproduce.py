@@ -34,10 +34,11 @@ def run_grid(grid: Grid, results: Results, jobs: int) -> int:
     """Run every cell of ``grid`` not in ``results``; cells whose inputs come from other cells
     start as soon as those finish. ``jobs=1`` runs them in this process. Returns the number
     of cells run."""
-    started, done = time.perf_counter(), 0
+    started, done, commit = time.perf_counter(), 0, _commit()
 
     def finish(cell: Cell, result: dict, running: int) -> None:
         nonlocal done
+        result["commit"] = commit
         results.put(cell, result)
         done += 1
         print(
@@ -123,18 +124,47 @@ def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
 
 
 def coverage(cells: list[Cell], results: Results) -> list[str]:
-    """What of the grid has not run yet (a page may be written from a part of it)."""
+    """What of the grid has not run yet or ran with other settings (a page may be written
+    from a part of it), and which commits the runs shown were measured at."""
+    states = {c: results.state(c) for c in cells}
     missing = Counter(
-        f"{c.dataset}, {c.schedule} schedule, {c.method}" for c in cells if results.get(c) is None
+        f"{c.dataset}, {c.schedule} schedule, {c.method}"
+        for c, state in states.items()
+        if results.get(c) is None
     )
-    if not missing:
-        return []
-    lines = [
-        "",
-        f"**Not complete: {sum(missing.values())} planned runs have not run yet**, and "
-        "runs that depend on them (from-scratch and search) are not planned yet:",
-    ]
-    return lines + [f"- {group}: {n} runs" for group, n in sorted(missing.items())]
+    lines = []
+    if missing:
+        lines += [
+            "",
+            f"**Not complete: {sum(missing.values())} planned runs have not run yet**, and "
+            "runs that depend on them (from-scratch and search) are not planned yet:",
+        ]
+        lines += [f"- {group}: {n} runs" for group, n in sorted(missing.items())]
+    stale = sum(state == "stale" for state in states.values())
+    if stale:
+        lines += [
+            "",
+            f"**{stale} of the runs above have results made with other settings** (a preset "
+            "or a default changed since): they are not shown, and `make reproduce` runs "
+            "them again.",
+        ]
+    shown = [r for c in cells if (r := results.get(c)) is not None]
+    commits = Counter(r.get("commit", "not recorded") for r in shown)
+    unrecorded = sum(state == "unrecorded" for state in states.values())
+    if shown:
+        lines += [
+            "",
+            "Commits the runs shown were measured at: "
+            + ", ".join(f"`{c}` ({n} runs)" for c, n in sorted(commits.items()))
+            + "."
+            + (
+                f" {unrecorded} runs predate the record of each run's settings (a changed "
+                "preset re-runs a recorded cell, not these): `--refresh` re-runs them."
+                if unrecorded
+                else ""
+            ),
+        ]
+    return lines
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -172,6 +202,12 @@ def main(argv: list[str] | None = None) -> None:
         action="store_true",
         help="write the page from the results there, run nothing",
     )
+    parser.add_argument(
+        "--refresh",
+        action="store_true",
+        help="re-run the selected cells whose results predate the record of their "
+        "settings (and the cells that depend on them); the old results go to stale/",
+    )
     args = parser.parse_args(argv)
     if args.jobs < 1:
         parser.error(f"--jobs must be >= 1, got {args.jobs}")
@@ -185,7 +221,8 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
     )
     folder = args.results or Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
-    results = Results(folder)
+    results = Results(folder, config=grid.config)
+    results.refresh = args.refresh
     print(f"grid: {asdict(grid)}\ncell results: {folder}", flush=True)
     if not args.page_only:
         run_grid(grid, results, args.jobs)
