@@ -49,11 +49,12 @@ tune: setup
 
 # docs/RESULTS.md: every method on Fashion-MNIST and digits, 3 seeds (many CPU hours; an
 # interrupted run resumes from runs/reproduce). QUICK=1: digits, quick schedule (minutes).
-# JOBS runs side by side, one thread each (default: one per core).
+# JOBS runs side by side, one thread each (default: one per core). REFRESH=1 re-runs the
+# results from before runs recorded their settings.
 JOBS ?= $(shell nproc)
 reproduce: setup
 	$(if $(QUICK),,bash .ci/fashion-mnist.sh)
-	$(PY) -m lit_surgery.report.reproduce $(if $(QUICK),--quick) --jobs $(JOBS)
+	$(PY) -m lit_surgery.report.reproduce $(if $(QUICK),--quick) $(if $(REFRESH),--refresh) --jobs $(JOBS)
 
 # benchmarks/bench.py: training throughput against a hand-written loop, a surgery run's parts,
 # peak memory; prints a table and writes bench.json (about 15 minutes on 2 CPU cores).
