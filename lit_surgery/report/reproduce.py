@@ -159,7 +159,8 @@ def coverage(cells: list[Cell], results: Results) -> list[str]:
             + "."
             + (
                 f" {unrecorded} runs predate the record of each run's settings (a changed "
-                "preset re-runs a recorded cell, not these): `--refresh` re-runs them."
+                "preset re-runs a recorded cell, not these): `make reproduce REFRESH=1` "
+                "re-runs them."
                 if unrecorded
                 else ""
             ),
