@@ -108,7 +108,7 @@ class Grid:
 
     def settings_for(self, cell: Cell) -> SurgerySettings:
         """``cell``'s surgery settings (``shrink``'s budget is its start's size on its data)."""
-        data = load_data(cell.dataset) if cell.method == "shrink" else None
+        data = load_data(cell.dataset, self.device) if cell.method == "shrink" else None
         size = Topology.mlp(data.input_size, cell.start, data.num_classes).num_params if data else 0
         return self.settings(cell.method, cell.schedule, size)
 
@@ -335,21 +335,26 @@ class Results:
     A result made with other settings than ``config`` gives for its cell now (a preset or a
     default changed since) is *stale*: ``get`` does not return it, so the cell runs again,
     and ``put`` moves the old file to ``folder/stale/``. Results from before runs recorded
-    their config are *unrecorded*: used, counted on the page, and re-run by ``refresh``."""
+    their config are *unrecorded*: used, counted on the page, and re-run with ``refresh``."""
 
     def __init__(
-        self, folder: Path, config: Callable[[Cell], dict[str, Any]] | None = None
+        self,
+        folder: Path,
+        config: Callable[[Cell], dict[str, Any]] | None = None,
+        refresh: bool = False,
     ) -> None:
         self.folder = Path(folder)
         self.folder.mkdir(parents=True, exist_ok=True)
         self.config = config
-        self.refresh = False
-        self._read: dict[str, dict[str, Any]] = {}  # planning reads each result many times
+        self.refresh = refresh
+        # planning reads each result, and asks for each cell's config, many times
+        self._read: dict[str, dict[str, Any]] = {}
+        self._config: dict[str, dict[str, Any]] = {}
 
     def path(self, cell: Cell) -> Path:
         return self.folder / f"{cell.key}.json"
 
-    def stored(self, cell: Cell) -> dict[str, Any] | None:
+    def _stored(self, cell: Cell) -> dict[str, Any] | None:
         """The file's result, current or not."""
         if cell.key not in self._read:
             path = self.path(cell)
@@ -360,20 +365,22 @@ class Results:
 
     def state(self, cell: Cell) -> str:
         """``missing``, ``current``, ``stale`` (other settings) or ``unrecorded``."""
-        result = self.stored(cell)
+        result = self._stored(cell)
         if result is None:
             return "missing"
         if self.config is None:
             return "current"
         if "config" not in result:
             return "unrecorded"
-        return "current" if result["config"] == self.config(cell) else "stale"
+        if cell.key not in self._config:
+            self._config[cell.key] = self.config(cell)
+        return "current" if result["config"] == self._config[cell.key] else "stale"
 
     def get(self, cell: Cell) -> dict[str, Any] | None:
         """The result to use for ``cell``: None if it must (re)run."""
         state = self.state(cell)
         if state == "current" or (state == "unrecorded" and not self.refresh):
-            return self.stored(cell)
+            return self._stored(cell)
         return None
 
     def put(self, cell: Cell, result: dict[str, Any]) -> None:

@@ -126,11 +126,10 @@ def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
 def coverage(cells: list[Cell], results: Results) -> list[str]:
     """What of the grid has not run yet or ran with other settings (a page may be written
     from a part of it), and which commits the runs shown were measured at."""
-    states = {c: results.state(c) for c in cells}
+    states = Counter(results.state(c) for c in cells)
+    shown = [r for c in cells if (r := results.get(c)) is not None]
     missing = Counter(
-        f"{c.dataset}, {c.schedule} schedule, {c.method}"
-        for c, state in states.items()
-        if results.get(c) is None
+        f"{c.dataset}, {c.schedule} schedule, {c.method}" for c in cells if results.get(c) is None
     )
     lines = []
     if missing:
@@ -140,17 +139,15 @@ def coverage(cells: list[Cell], results: Results) -> list[str]:
             "runs that depend on them (from-scratch and search) are not planned yet:",
         ]
         lines += [f"- {group}: {n} runs" for group, n in sorted(missing.items())]
-    stale = sum(state == "stale" for state in states.values())
-    if stale:
+    if stale := states["stale"]:
         lines += [
             "",
             f"**{stale} of the runs above have results made with other settings** (a preset "
             "or a default changed since): they are not shown, and `make reproduce` runs "
             "them again.",
         ]
-    shown = [r for c in cells if (r := results.get(c)) is not None]
     commits = Counter(r.get("commit", "not recorded") for r in shown)
-    unrecorded = sum(state == "unrecorded" for state in states.values())
+    unrecorded = states["unrecorded"]
     if shown:
         lines += [
             "",
@@ -222,8 +219,7 @@ def main(argv: list[str] | None = None) -> None:
         device=args.device,
     )
     folder = args.results or Path("runs") / ("reproduce-quick" if args.quick else "reproduce")
-    results = Results(folder, config=grid.config)
-    results.refresh = args.refresh
+    results = Results(folder, config=grid.config, refresh=args.refresh)
     print(f"grid: {asdict(grid)}\ncell results: {folder}", flush=True)
     if not args.page_only:
         run_grid(grid, results, args.jobs)
