@@ -236,7 +236,7 @@ def test_unrecorded_results_are_used_and_refresh_runs_them_again(finished, tmp_p
     results = Results(folder, config=TINY.config)
     assert results.state(cell) == "unrecorded" and results.get(cell) == old
     assert not runnable(TINY, results)
-    assert "1 runs predate the record" in "\n".join(coverage(planned(TINY, results), results))
+    assert "1 run predates the record" in "\n".join(coverage(planned(TINY, results), results))
     results.refresh = True
     assert cell in runnable(TINY, results)
     run_grid(TINY, results, jobs=1)

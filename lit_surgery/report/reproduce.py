@@ -123,6 +123,10 @@ def header(grid: Grid, command: str, devices: list[str]) -> list[str]:
     ]
 
 
+def runs(n: int) -> str:
+    return f"{n} run" if n == 1 else f"{n} runs"
+
+
 def coverage(cells: list[Cell], results: Results) -> list[str]:
     """What of the grid has not run yet or ran with other settings (a page may be written
     from a part of it), and which commits the runs shown were measured at."""
@@ -138,7 +142,7 @@ def coverage(cells: list[Cell], results: Results) -> list[str]:
             f"**Not complete: {sum(missing.values())} planned runs have not run yet**, and "
             "runs that depend on them (from-scratch and search) are not planned yet:",
         ]
-        lines += [f"- {group}: {n} runs" for group, n in sorted(missing.items())]
+        lines += [f"- {group}: {runs(n)}" for group, n in sorted(missing.items())]
     if stale := states["stale"]:
         lines += [
             "",
@@ -152,12 +156,12 @@ def coverage(cells: list[Cell], results: Results) -> list[str]:
         lines += [
             "",
             "Commits the runs shown were measured at: "
-            + ", ".join(f"`{c}` ({n} runs)" for c, n in sorted(commits.items()))
+            + ", ".join(f"`{c}` ({runs(n)})" for c, n in sorted(commits.items()))
             + "."
             + (
-                f" {unrecorded} runs predate the record of each run's settings (a changed "
-                "preset re-runs a recorded cell, not these): `make reproduce REFRESH=1` "
-                "re-runs them."
+                f" {runs(unrecorded)} predate{'s' * (unrecorded == 1)} the record of each "
+                "run's settings (a changed preset re-runs a recorded cell, not these): "
+                "`make reproduce REFRESH=1` re-runs them."
                 if unrecorded
                 else ""
             ),
