@@ -196,6 +196,15 @@ def test_every_run_records_its_cpu_time_settings_and_commit(finished):
         assert run["config"] == TINY.config(cell) and run["commit"], cell.key
 
 
+def test_a_search_given_another_budget_is_stale(finished):
+    """The budget is not in a search's key: a surgery run that spent other epochs (a changed
+    policy, or other numerics) must still not reuse the search made for the old budget."""
+    results, _ = finished
+    search = next(c for c in planned(TINY, results) if c.method == "search")
+    assert results.state(search) == "current"
+    assert results.state(replace(search, budget=search.budget + 1)) == "stale"
+
+
 class _FewerRetries(Grid):
     """TINY with grow() changed, as a commit that edits a preset would."""
 

@@ -118,8 +118,8 @@ class Grid:
         config: dict[str, Any] = {"batch_size": self.batch_size}
         if cell.method in SURGERY:
             config["settings"] = asdict(self.settings_for(cell))
-        if cell.method == "search":
-            config["lrs"] = list(self.lrs)
+        if cell.method == "search":  # the budget follows the surgery run of its seed
+            config.update(lrs=list(self.lrs), budget=cell.budget)
         return json.loads(json.dumps(config))
 
 
@@ -174,8 +174,7 @@ class Recorder:
     def train(self, branches: list[Branch], epochs: int) -> list[float]:
         metrics = [0.0] * len(branches)
         for _ in range(epochs):
-            for i, branch in enumerate(branches):
-                metric = self.trainer.train(branch, 1)
+            for i, metric in enumerate(self.trainer.train_epoch(branches)):
                 metrics[i] = math.nan if math.isnan(metrics[i]) else metric
             self.epochs_trained += len(branches)
             best = max(range(len(branches)), key=lambda i: finite(metrics[i]))
@@ -349,7 +348,7 @@ class Results:
         self.refresh = refresh
         # planning reads each result, and asks for each cell's config, many times
         self._read: dict[str, dict[str, Any]] = {}
-        self._config: dict[str, dict[str, Any]] = {}
+        self._config: dict[Cell, dict[str, Any]] = {}
 
     def path(self, cell: Cell) -> Path:
         return self.folder / f"{cell.key}.json"
@@ -372,9 +371,9 @@ class Results:
             return "current"
         if "config" not in result:
             return "unrecorded"
-        if cell.key not in self._config:
-            self._config[cell.key] = self.config(cell)
-        return "current" if result["config"] == self._config[cell.key] else "stale"
+        if cell not in self._config:  # by cell, not key: a search's budget is not in its key
+            self._config[cell] = self.config(cell)
+        return "current" if result["config"] == self._config[cell] else "stale"
 
     def get(self, cell: Cell) -> dict[str, Any] | None:
         """The result to use for ``cell``: None if it must (re)run."""
