@@ -48,3 +48,11 @@ def test_surgery_run_is_split_into_its_parts(tmp_path):
     assert 0 < surgery["parts"]["other"] < surgery["wall"]
     assert surgery["peak_rss"] > 0 and surgery["topology"] != plain["topology"]
     assert "quick-schedule run: surgery" in printed.stdout
+
+
+def test_packed_benchmark_prints_a_row_per_population(tmp_path):
+    script = str(ROOT / "benchmarks" / "packed.py")
+    command = [sys.executable, script, "--steps", "3", "--repeats", "1"]
+    printed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path)
+    rows = [line for line in printed.stdout.splitlines() if line.startswith("| [")]
+    assert len(rows) == 7 and all(row.count("x") >= 2 for row in rows)
