@@ -128,6 +128,7 @@ def test_topologies_whose_padding_would_change_their_function_are_refused():
     assert packable([net(relu), net(relu, Layer(3))], SGD) is None
     assert packable([net(tanh), net(tanh, Layer(3, activation="linear"))], SGD) is None
     assert "identity layer of tanh" in packable([net(relu), net(relu, Layer(3, "tanh"))], SGD)
+    assert "no hidden layer" in packable([net(), net(relu)], SGD)
     no_bias = net(Layer(4, bias=False))
     assert "dense one with bias" in packable([no_bias, net(Layer(4))], SGD)
 

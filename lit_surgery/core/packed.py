@@ -52,6 +52,8 @@ def packable(nets: Sequence[SurgeryNet], optimizer: OptimizerFactory) -> str | N
     depth = max(net.topology.depth for net in nets)
     for net in nets:
         topo = net.topology
+        if not topo.depth:
+            return f"{topo.describe()} has no hidden layer"
         if topo.num_conv or any(layer.kind != "dense" or not layer.bias for layer in topo.hidden):
             return f"{topo.describe()} has a layer other than a dense one with bias"
         if bad := {layer.activation for layer in topo.hidden} - ZERO_AT_ZERO:
@@ -64,7 +66,7 @@ def packable(nets: Sequence[SurgeryNet], optimizer: OptimizerFactory) -> str | N
         activations.append(acts.pop())
     for net in nets:
         topo = net.topology
-        last = topo.hidden[-1].activation if topo.depth else "linear"  # the input: any sign
+        last = topo.hidden[-1].activation
         for act in activations[topo.depth :]:
             if act not in IDENTITY_ON_NON_NEGATIVE:
                 return f"{topo.describe()} cannot be continued by an identity layer of {act}"
