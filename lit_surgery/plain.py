@@ -62,12 +62,16 @@ class PlainTrainer:
         )
         self.epoch = 0
 
+    def _next_epoch(self) -> TensorBatches:
+        """The batches, set to the run's next epoch."""
+        self.batches.set_epoch(self.epoch)
+        self.epoch += 1
+        return self.batches
+
     def _epochs(self, epochs: int) -> Iterator[tuple[Tensor, Tensor]]:
         """The batches of the next ``epochs`` epochs of the run."""
         for _ in range(epochs):
-            self.batches.set_epoch(self.epoch)
-            self.epoch += 1
-            yield from self.batches
+            yield from self._next_epoch()
 
     def train(self, branch: Branch, epochs: int) -> float:
         d = self.data
@@ -83,11 +87,7 @@ class PlainTrainer:
         nets = [b.net for b in branches]
         if len(branches) == 1 or packable(nets, self.optimizer) is not None:
             return [self.train(b, 1) for b in branches]
-        orders = []
-        for _ in branches:
-            self.batches.set_epoch(self.epoch)
-            self.epoch += 1
-            orders.append(self.batches.indices())
+        orders = [self._next_epoch().indices() for _ in branches]
         d = self.data
         rows = torch.stack(orders).to(d.x_train.device).split(self.batch_size, dim=1)
         metrics = train_packed(

@@ -5,8 +5,9 @@ On a CPU an eager step of a small network is mostly overhead (kernel launches, a
 bookkeeping, the optimiser's Python), so the policy's two branches trained one after the
 other cost twice one branch. Here the branches' weights are stacked into ``(k, in, out)``
 tensors, zero-padded to the widest branch at each layer, and a step is one batched matmul
-per layer, one loss and one optimiser step for all of them (``benchmarks``: 1.2-1.4x one
-branch's step for k = 2 at [4,4,4] to [35,30,10], against 2x one after the other).
+per layer, one loss and one optimiser step for all of them (``benchmarks/packed.py``:
+1.03-1.37x one branch's step for k = 2 at [4,4,4] to [132,132,132], against 1.55-2.11x one
+after the other; no gain at [256,256], whose step is arithmetic).
 
 It is exact, not an approximation: each branch trains on its own batches and its own loss,
 and the padding stays out of its function. A padded unit has zero incoming and outgoing
@@ -100,7 +101,7 @@ class PackedMLPs(nn.Module):
         self.weights = nn.ParameterList()
         self.biases = nn.ParameterList()
         self.pieces: list[tuple[int, int, int]] = []  # (branch, its parameter, packed layer)
-        trained = torch.ones(depth + 1, k, 1, 1, device=device)
+        frozen: dict[int, Tensor] = {}  # layer -> 0 for branches whose identity it is, else 1
         with torch.no_grad():
             for n_in, n_out in pairwise(dims):
                 self.weights.append(nn.Parameter(torch.zeros(k, n_in, n_out, device=device)))
@@ -115,9 +116,8 @@ class PackedMLPs(nn.Module):
                 n = width(net, d)
                 for p in range(d, depth):  # identities after its last hidden layer
                     self.weights[p][j, :n, :n] = torch.eye(n, device=device)
-                    trained[p, j] = 0
-        self.trained = trained
-        self.has_frozen = [bool((t == 0).any()) for t in trained]
+                    frozen.setdefault(p, torch.ones(k, 1, 1, device=device))[j] = 0
+        self.frozen = frozen
 
     def weight_piece(self, packed: Tensor, j: int, index: int) -> Tensor:
         """Branch j's parameter ``index``'s weight as a (out, in) view of ``packed`` (a
@@ -150,10 +150,9 @@ class PackedMLPs(nn.Module):
 
     def freeze_identities(self) -> None:
         """Zero the gradients of the identity layers (call between backward and step)."""
-        for p, frozen in enumerate(self.has_frozen):
-            if frozen:
-                self.weights[p].grad.mul_(self.trained[p])
-                self.biases[p].grad.mul_(self.trained[p])
+        for p, keep in self.frozen.items():
+            self.weights[p].grad.mul_(keep)
+            self.biases[p].grad.mul_(keep)
 
     @torch.no_grad()
     def unpack(self) -> None:
