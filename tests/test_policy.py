@@ -83,7 +83,7 @@ def test_reference_numbers_are_the_defaults_and_paper_mode_changes_choices():
         assert (s.sv_threshold_abs, s.sv_threshold_rel, s.add_fraction) == (0.3, 5e-3, 0.1)
         assert s.screen_batches == {"B": 1, "AN": 1, "AL": 1, "T": 1, "RL": 10, "OL": 10}
     # max_retries counts re-selections; the reference's 3 counts rounds, the first included
-    assert (d.max_retries, p.max_retries) == (3, 2)
+    assert (d.max_retries, p.max_retries) == (1, 2)
     assert (p.sv_source, p.criterion, p.ranking, p.al_activation, p.split, p.score, p.explore,
             p.select_by) == ("outgoing", "paper", "paper", "linear", "equal", "paper", False,
                              "score")

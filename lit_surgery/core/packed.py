@@ -35,6 +35,11 @@ from lit_surgery.core.state import Branch
 from lit_surgery.core.topology import ACTIVATIONS, NON_NEGATIVE
 from lit_surgery.core.training import OptimizerFactory, evaluate
 
+MIN_WIDTH = 16
+"""Packed layers are at least this wide (zero-padded like any narrower branch): on this
+machine's CPU BLAS a batched matmul with 4-10 output columns ran up to 3x slower than with
+16, and the policy's two branches from [4,4,4] or [10,10,10] then stepped 5-13% faster
+(``/tmp``-free A/B in docs/METHOD.md, "The cost of the default policy")."""
 ZERO_AT_ZERO = frozenset({"relu", "leaky_relu", "tanh", "gelu", "linear"})
 """Activations with phi(0) = 0: a zero-padded unit outputs zero."""
 IDENTITY_ON_NON_NEGATIVE = frozenset({"relu", "leaky_relu", "linear"})
@@ -95,7 +100,7 @@ class PackedMLPs(nn.Module):
             return net.topology.hidden[min(p, net.topology.depth - 1)].width
 
         first = nets[0].topology
-        outs = [max(width(net, p) for net in nets) for p in range(depth)]
+        outs = [max(MIN_WIDTH, *(width(net, p) for net in nets)) for p in range(depth)]
         dims = [first.fan_in(0), *outs, first.output_size]
         self.activations = [ACTIVATIONS[name]() for name in _activations(nets)]
         self.weights = nn.ParameterList()
@@ -118,6 +123,8 @@ class PackedMLPs(nn.Module):
                     self.weights[p][j, :n, :n] = torch.eye(n, device=device)
                     frozen.setdefault(p, torch.ones(k, 1, 1, device=device))[j] = 0
         self.frozen = frozen
+        # the step's loops read plain lists: indexing a ParameterList cost 7% of a run
+        self.layers = list(zip(self.weights, self.biases, strict=True))
 
     def weight_piece(self, packed: Tensor, j: int, index: int) -> Tensor:
         """Branch j's parameter ``index``'s weight as a (out, in) view of ``packed`` (a
@@ -131,7 +138,7 @@ class PackedMLPs(nn.Module):
     def flat(self) -> list[nn.Parameter]:
         """The parameters in layer order, each weight then its bias (what
         :meth:`branch_pieces` indexes)."""
-        return [t for pair in zip(self.weights, self.biases, strict=True) for t in pair]
+        return [t for pair in self.layers for t in pair]
 
     def branch_pieces(self, packed: list[Tensor]) -> Iterator[tuple[int, int, Tensor]]:
         """(branch, index of its parameter, the view of ``packed`` that holds it), for
@@ -142,7 +149,7 @@ class PackedMLPs(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         h = x
-        for p, (w, b) in enumerate(zip(self.weights, self.biases, strict=True)):
+        for p, (w, b) in enumerate(self.layers):
             h = torch.baddbmm(b, h, w)
             if p < len(self.activations):
                 h = self.activations[p](h)
@@ -151,8 +158,8 @@ class PackedMLPs(nn.Module):
     def freeze_identities(self) -> None:
         """Zero the gradients of the identity layers (call between backward and step)."""
         for p, keep in self.frozen.items():
-            self.weights[p].grad.mul_(keep)
-            self.biases[p].grad.mul_(keep)
+            for t in self.layers[p]:
+                t.grad.mul_(keep)
 
     @torch.no_grad()
     def unpack(self) -> None:
