@@ -8,7 +8,10 @@ steps per second of one branch alone, of the k branches one after the other
 branch's step. Eager SGD, one CPU thread, 784 inputs and 10 classes (Fashion-MNIST's
 shapes, random data), batch 32; medians of interleaved repeats.
 
-    python benchmarks/packed.py [--steps 1500] [--repeats 3]
+    python benchmarks/packed.py [--steps 1500] [--repeats 3] [--min-width 16]
+
+``--min-width 1`` packs without :data:`~lit_surgery.core.packed.MIN_WIDTH`'s padding: run
+both to see what it does on your machine's BLAS.
 """
 
 from __future__ import annotations
@@ -20,6 +23,7 @@ from functools import partial
 
 import torch
 
+from lit_surgery.core import packed as packing
 from lit_surgery.core.network import build
 from lit_surgery.core.packed import packable, train_packed
 from lit_surgery.core.state import Branch
@@ -61,7 +65,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--min-width", type=int, default=packing.MIN_WIDTH)
     args = parser.parse_args()
+    if args.min_width < 1:
+        parser.error(f"--min-width must be >= 1, got {args.min_width}")
+    packing.MIN_WIDTH = args.min_width
     torch.set_num_threads(1)
     print(
         "| population | one branch (steps/s) | one after the other | packed "

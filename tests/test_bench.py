@@ -53,7 +53,7 @@ def test_surgery_run_is_split_into_its_parts(tmp_path):
 
 def test_packed_benchmark_prints_a_row_per_population(tmp_path):
     script = str(ROOT / "benchmarks" / "packed.py")
-    command = [sys.executable, script, "--steps", "3", "--repeats", "1"]
+    command = [sys.executable, script, "--steps", "3", "--repeats", "1", "--min-width", "1"]
     printed = subprocess.run(command, check=True, capture_output=True, text=True, cwd=tmp_path)
     rows = [line for line in printed.stdout.splitlines() if line.startswith("| [")]
     ratios = re.compile(r"\| \d+\.\d\dx, \d+\.\d\dx \|$")

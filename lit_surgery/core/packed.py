@@ -36,10 +36,10 @@ from lit_surgery.core.topology import ACTIVATIONS, NON_NEGATIVE
 from lit_surgery.core.training import OptimizerFactory, evaluate
 
 MIN_WIDTH = 16
-"""Packed layers are at least this wide (zero-padded like any narrower branch): on this
-machine's CPU BLAS a batched matmul with 4-10 output columns ran up to 3x slower than with
-16, and the policy's two branches from [4,4,4] or [10,10,10] then stepped 5-13% faster
-(``/tmp``-free A/B in docs/METHOD.md, "The cost of the default policy")."""
+"""Packed layers are at least this wide (zero-padded like any narrower branch): on the
+development machine's CPU a batched matmul of 32 x 784 inputs into 4-10 columns ran 2-3x
+slower than into 16, and two packed branches of [4,4,4] to [35,30,10] stepped 5-13% faster
+(docs/METHOD.md, "The cost of the default policy")."""
 ZERO_AT_ZERO = frozenset({"relu", "leaky_relu", "tanh", "gelu", "linear"})
 """Activations with phi(0) = 0: a zero-padded unit outputs zero."""
 IDENTITY_ON_NON_NEGATIVE = frozenset({"relu", "leaky_relu", "linear"})
