@@ -6,8 +6,8 @@ bookkeeping, the optimiser's Python), so the policy's two branches trained one a
 other cost twice one branch. Here the branches' weights are stacked into ``(k, in, out)``
 tensors, zero-padded to the widest branch at each layer, and a step is one batched matmul
 per layer, one loss and one optimiser step for all of them (``benchmarks/packed.py``:
-1.03-1.37x one branch's step for k = 2 at [4,4,4] to [132,132,132], against 1.55-2.11x one
-after the other; no gain at [256,256], whose step is arithmetic).
+0.96-1.25x one branch's step for k = 2 at [4,4,4] to [132,132,132], against 1.81-2.09x one
+after the other; 1.62x at [256,256], whose step is arithmetic).
 
 It is exact, not an approximation: each branch trains on its own batches and its own loss,
 and the padding stays out of its function. A padded unit has zero incoming and outgoing

@@ -96,7 +96,7 @@ class SurgerySettings:
             ``max_retries_per_epoch`` counts the rounds, the first included: ``paper()`` sets
             2 for its 3). Each retry is another cycle of training; the default allows one:
             on Fashion-MNIST's quick schedule, 1 ended every run where 3 did (or higher)
-            at 20-25% less CPU time, 0 lost 0.011 from [4,4,4] (docs/METHOD.md).
+            at 4-25% less CPU time, 0 lost 0.011 from [4,4,4] (docs/METHOD.md).
         include_random: also screen one candidate drawn uniformly from the unselected.
         sv_threshold_abs: singular values below this count as removable units.
         sv_threshold_rel: ... or below this times the largest singular value.
