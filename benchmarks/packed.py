@@ -23,9 +23,8 @@ from functools import partial
 
 import torch
 
-from lit_surgery.core import packed as packing
 from lit_surgery.core.network import build
-from lit_surgery.core.packed import packable, train_packed
+from lit_surgery.core.packed import MIN_WIDTH, packable, train_packed
 from lit_surgery.core.state import Branch
 from lit_surgery.core.topology import Topology
 from lit_surgery.core.training import train_branch
@@ -41,7 +40,9 @@ POPULATIONS = {
 }
 
 
-def rate(population: tuple[list[int], ...], how: str, steps: int, batch: int) -> float:
+def rate(
+    population: tuple[list[int], ...], how: str, steps: int, batch: int, min_width: int
+) -> float:
     """Steps per second (one step: every branch of the population steps once)."""
     torch.manual_seed(0)
     x, y = torch.randn(4096, 784), torch.randint(0, 10, (4096,))
@@ -53,7 +54,7 @@ def rate(population: tuple[list[int], ...], how: str, steps: int, batch: int) ->
     orders = [torch.randint(0, len(x), (len(nets), batch), generator=g) for _ in range(steps)]
     start = time.perf_counter()
     if how == "packed":
-        train_packed(branches, sgd, x, y, orders, x[:32], y[:32])
+        train_packed(branches, sgd, x, y, orders, x[:32], y[:32], min_width)
     else:
         for j, b in enumerate(branches[: 1 if how == "one" else None]):
             train_branch(b, sgd, ((x[o[j]], y[o[j]]) for o in orders), x[:32], y[:32])
@@ -65,11 +66,10 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=1500)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--batch", type=int, default=32)
-    parser.add_argument("--min-width", type=int, default=packing.MIN_WIDTH)
+    parser.add_argument("--min-width", type=int, default=MIN_WIDTH)
     args = parser.parse_args()
     if args.min_width < 1:
         parser.error(f"--min-width must be >= 1, got {args.min_width}")
-    packing.MIN_WIDTH = args.min_width
     torch.set_num_threads(1)
     print(
         "| population | one branch (steps/s) | one after the other | packed "
@@ -80,7 +80,7 @@ def main() -> None:
         runs: dict[str, list[float]] = {"one": [], "sequential": [], "packed": []}
         for _ in range(args.repeats):  # interleaved, so drifting load hits all three alike
             for how in runs:
-                runs[how].append(rate(population, how, args.steps, args.batch))
+                runs[how].append(rate(population, how, args.steps, args.batch, args.min_width))
         one, seq, packed = (statistics.median(runs[h]) for h in runs)
         print(
             f"| {name} | {one:,.0f} | {seq:,.0f} | {packed:,.0f} "

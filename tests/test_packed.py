@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from lit_surgery.core.network import build
-from lit_surgery.core.packed import packable, train_packed
+from lit_surgery.core.packed import MIN_WIDTH, PackedMLPs, packable, train_packed
 from lit_surgery.core.state import Branch
 from lit_surgery.core.topology import Layer, Topology
 from lit_surgery.core.training import train_branch
@@ -49,6 +49,7 @@ def _assert_same(a, b):
             )
 
 
+@pytest.mark.parametrize("min_width", [MIN_WIDTH, 1])  # padded to 16, or only to the widest
 @pytest.mark.parametrize(
     "hidden",
     [
@@ -56,7 +57,9 @@ def _assert_same(a, b):
         ((Layer(4, "tanh"),), (Layer(6, "tanh"), Layer(3, "linear"))),  # a linear identity
     ],
 )
-def test_branches_of_other_widths_and_depths_take_the_same_steps_as_one_by_one(hidden):
+def test_branches_of_other_widths_and_depths_take_the_same_steps_as_one_by_one(
+    hidden, min_width
+):
     x, y, x_val, y_val = _data()
     torch.manual_seed(1)
     nets = [
@@ -64,6 +67,8 @@ def test_branches_of_other_widths_and_depths_take_the_same_steps_as_one_by_one(h
         for h in hidden
     ]
     assert packable(nets, SGD) is None
+    widest = max(n.topology.hidden[0].width for n in nets)
+    assert PackedMLPs(nets, min_width).weights[0].shape[2] == max(min_width, widest)
     one = [Branch(i, copy.deepcopy(n)) for i, n in enumerate(nets)]
     packed = [Branch(i, copy.deepcopy(n)) for i, n in enumerate(nets)]
     # branch 0 continues an optimiser state, the others start fresh
@@ -72,7 +77,7 @@ def test_branches_of_other_widths_and_depths_take_the_same_steps_as_one_by_one(h
     g = torch.Generator().manual_seed(2)
     orders = [torch.stack([torch.randperm(200, generator=g)[:16] for _ in nets]) for _ in range(40)]
     metrics = _sequential(one, x, y, orders, x_val, y_val)
-    assert train_packed(packed, SGD, x, y, orders, x_val, y_val) == metrics
+    assert train_packed(packed, SGD, x, y, orders, x_val, y_val, min_width) == metrics
     _assert_same(one, packed)
     for trained, start in zip(one, nets, strict=True):  # the steps did something
         assert not torch.equal(trained.net.output.weight, start.output.weight)

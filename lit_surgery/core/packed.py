@@ -36,10 +36,12 @@ from lit_surgery.core.topology import ACTIVATIONS, NON_NEGATIVE
 from lit_surgery.core.training import OptimizerFactory, evaluate
 
 MIN_WIDTH = 16
-"""Packed layers are at least this wide (zero-padded like any narrower branch): on the
-development machine's CPU a batched matmul of 32 x 784 inputs into 4-10 columns ran 2-3x
-slower than into 16, and two packed branches of [4,4,4] to [35,30,10] stepped 5-13% faster
-(docs/METHOD.md, "The cost of the default policy")."""
+"""Packed layers are at least this wide by default (zero-padded like any narrower branch):
+on the development machine's CPU a batched matmul of 32 x 784 inputs into 4-10 columns, and
+its weight gradient, ran 2-4x slower than into 16. ``benchmarks/packed.py`` with and without
+``--min-width 1`` at 576cf4e: two packed branches of [4,4,4] 1.08x against 1.15x one
+branch's step, [10,10,10] 1.12x against 1.22x, [35,30,10] 0.96x against 1.13x, four
+[10,10,10] 1.22x against 1.67x, but [10,10,10] + [14,10,10,10] 1.25x against 1.20x."""
 ZERO_AT_ZERO = frozenset({"relu", "leaky_relu", "tanh", "gelu", "linear"})
 """Activations with phi(0) = 0: a zero-padded unit outputs zero."""
 IDENTITY_ON_NON_NEGATIVE = frozenset({"relu", "leaky_relu", "linear"})
@@ -90,7 +92,7 @@ class PackedMLPs(nn.Module):
     """``nets`` (all :func:`packable`) as one module: ``forward`` takes ``(k, B, inputs)``
     and returns ``(k, B, outputs)`` logits, branch j's from its own weights."""
 
-    def __init__(self, nets: Sequence[SurgeryNet]) -> None:
+    def __init__(self, nets: Sequence[SurgeryNet], min_width: int = MIN_WIDTH) -> None:
         super().__init__()
         self.nets = list(nets)
         k, depth = len(nets), max(net.topology.depth for net in nets)
@@ -100,7 +102,7 @@ class PackedMLPs(nn.Module):
             return net.topology.hidden[min(p, net.topology.depth - 1)].width
 
         first = nets[0].topology
-        outs = [max(MIN_WIDTH, *(width(net, p) for net in nets)) for p in range(depth)]
+        outs = [max(min_width, *(width(net, p) for net in nets)) for p in range(depth)]
         dims = [first.fan_in(0), *outs, first.output_size]
         self.activations = [ACTIVATIONS[name]() for name in _activations(nets)]
         self.weights = nn.ParameterList()
@@ -123,7 +125,8 @@ class PackedMLPs(nn.Module):
                     self.weights[p][j, :n, :n] = torch.eye(n, device=device)
                     frozen.setdefault(p, torch.ones(k, 1, 1, device=device))[j] = 0
         self.frozen = frozen
-        # the step's loops read plain lists: indexing a ParameterList cost 7% of a run
+        # the step's loops read plain lists: indexing the ParameterLists took 7% of a run
+        # from [4,4,4] under cProfile (which inflates Python overhead)
         self.layers = list(zip(self.weights, self.biases, strict=True))
 
     def weight_piece(self, packed: Tensor, j: int, index: int) -> Tensor:
@@ -177,11 +180,13 @@ def train_packed(
     orders: Iterable[Tensor],
     x_val: Tensor,
     y_val: Tensor,
+    min_width: int = MIN_WIDTH,
 ) -> list[float]:
     """:func:`~lit_surgery.core.training.train_branch` for all ``branches`` at once: each
     ``orders`` item is a ``(k, batch)`` index tensor, row j the samples of branch j's step.
-    Returns each branch's validation accuracy (NaN if one of its losses was not finite)."""
-    packed = PackedMLPs([b.net for b in branches])
+    Returns each branch's validation accuracy (NaN if one of its losses was not finite).
+    ``min_width``: see :data:`MIN_WIDTH`."""
+    packed = PackedMLPs([b.net for b in branches], min_width)
     params = packed.flat()
     opt = optimizer(params)
     momentum = bool(opt.defaults["momentum"])
